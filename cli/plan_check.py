@@ -1,0 +1,9 @@
+"""gpufleet plan_check: not built yet."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
