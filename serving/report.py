@@ -1,0 +1,338 @@
+"""Reports: a results folder with markdown tables, PNG plots and the raw numbers as JSON.
+
+Input is a list of `RunResult`s, one per (driver, trace, policy, load, failure) experiment, from
+the simulator or from the HTTP drivers alike. Output (in `out_dir`):
+  report.md            the results table and the figures, linked
+  results.json         every run's summary and extras (no per-request records)
+  goodput_vs_load.png  SLO goodput against load, one line per policy, one panel per trace
+  ttft_cdf.png         TTFT CDF per policy at one load
+  kv_usage.png         KV-cache usage per region over time, for one run
+  failure_timeline.png requests per second by outcome around a region failure
+matplotlib is imported only when plotting (it is the `report` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary
+
+
+@dataclass
+class RunResult:
+    driver: str  # "sim" or "http"
+    trace: str  # trace file name or built-in profile
+    policy: str  # headroom, round-robin, least-outstanding, or a peer router's "vllm-router:power_of_two"
+    load_scale: float
+    summary: Summary
+    failure: str | None = None  # "REGION@T" or None
+    failed_during_failure: int = 0  # requests FAILED (not rejected) from the failure to its end
+    records: list[RequestRecord] = field(default_factory=list)
+    kv_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # region -> (t, usage)
+    events: list[tuple[float, str]] = field(default_factory=list)  # (t, what happened)
+    extra: dict = field(default_factory=dict)  # preemptions, cost, utilisation, speed, ...
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} x{self.load_scale:g}" + (f" fail {self.failure}" if self.failure else "")
+
+    def to_dict(self) -> dict:
+        return {
+            "driver": self.driver,
+            "trace": self.trace,
+            "policy": self.policy,
+            "load_scale": self.load_scale,
+            "failure": self.failure,
+            "failed_during_failure": self.failed_during_failure,
+            "summary": _finite(self.summary.to_dict()),
+            "events": self.events,
+            "extra": _finite(self.extra),
+        }
+
+
+def _finite(value):
+    """JSON has no infinity: a TTFT percentile of a run that lost requests becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if not math.isfinite(seconds):
+        return "inf"
+    return f"{seconds * 1000:.0f}"
+
+
+def failed_between(records: Sequence[RequestRecord], start: float, end: float) -> int:
+    """Requests sent in [start, end) that failed (a 429 is a clean answer, not a failure)."""
+    return sum(1 for r in records if start <= r.arrival_s < end and r.outcome == FAILED)
+
+
+# ---- targets ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetCheck:
+    trace: str
+    driver: str
+    load_scale: float | None  # the load where round-robin's attainment first falls below 90%
+    headroom: float | None
+    round_robin: float | None
+    least_outstanding: float | None
+    vs_round_robin: float | None
+    vs_least_outstanding: float | None
+    failed_in_failure: int | None  # headroom policy, the failure run(s)
+
+    @property
+    def met(self) -> bool:
+        return (
+            self.vs_round_robin is not None
+            and self.vs_round_robin >= 1.3
+            and self.vs_least_outstanding is not None
+            and self.vs_least_outstanding >= 1.1
+            and self.failed_in_failure == 0
+        )
+
+
+def check_targets(runs: Sequence[RunResult]) -> list[TargetCheck]:
+    """Per (driver, trace): at the lowest load where round-robin's SLO attainment is below 90%,
+    compare the headroom policy's goodput with round-robin's and least-outstanding's."""
+    out = []
+    for driver, trace in sorted({(r.driver, r.trace) for r in runs}):
+        mine = [r for r in runs if r.driver == driver and r.trace == trace]
+        steady = {(r.policy, r.load_scale): r for r in mine if r.failure is None}
+        rr_loads = sorted(load for (p, load) in steady if p == "round-robin")
+        load = next((x for x in rr_loads if steady[("round-robin", x)].summary.slo_attainment < 0.9), None)
+
+        def good(policy: str, load=load, steady=steady) -> float | None:
+            r = steady.get((policy, load))
+            return None if r is None else r.summary.goodput_rps
+
+        h, rr, lo = good("headroom"), good("round-robin"), good("least-outstanding")
+        fails = [r.failed_during_failure for r in mine if r.failure and r.policy == "headroom"]
+        out.append(
+            TargetCheck(
+                trace=trace,
+                driver=driver,
+                load_scale=load,
+                headroom=h,
+                round_robin=rr,
+                least_outstanding=lo,
+                vs_round_robin=(h / rr) if h is not None and rr else None,
+                vs_least_outstanding=(h / lo) if h is not None and lo else None,
+                failed_in_failure=max(fails) if fails else None,
+            )
+        )
+    return out
+
+
+# ---- markdown --------------------------------------------------------------------------------------
+
+
+def results_table(runs: Sequence[RunResult]) -> str:
+    """One row per (driver, trace, load, failure), columns goodput | p99 TTFT per policy."""
+    policies = sorted({r.policy for r in runs}, key=_policy_order)
+    head = ["driver", "trace", "load", "region failure"]
+    for p in policies:
+        head += [f"{p} goodput (req/s, SLO %)", f"{p} p99 TTFT ms", f"{p} failed in failure"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted({(r.driver, r.trace, r.load_scale, r.failure or "") for r in runs})
+    for driver, trace, load, failure in keys:
+        row = [driver, trace, f"x{load:g}", failure or "none"]
+        for p in policies:
+            r = next(
+                (x for x in runs if (x.driver, x.trace, x.load_scale, x.failure or "", x.policy)
+                 == (driver, trace, load, failure, p)),
+                None,
+            )  # fmt: skip
+            if r is None:
+                row += ["", "", ""]
+                continue
+            s = r.summary
+            row += [
+                f"{s.goodput_rps:.2f} ({100 * s.slo_attainment:.0f}%)",
+                _ms(s.ttft_p99_s),
+                str(r.failed_during_failure) if r.failure else "-",
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def targets_table(checks: Sequence[TargetCheck]) -> str:
+    lines = [
+        "| driver | trace | load where round-robin < 90% SLO | headroom / round-robin (>= 1.3) "
+        "| headroom / least-outstanding (>= 1.1) | failed in region failure (= 0) | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in checks:
+        lines.append(
+            f"| {c.driver} | {c.trace} | {'-' if c.load_scale is None else f'x{c.load_scale:g}'} "
+            f"| {_ratio(c.vs_round_robin)} | {_ratio(c.vs_least_outstanding)} "
+            f"| {'-' if c.failed_in_failure is None else c.failed_in_failure} | {'yes' if c.met else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _policy_order(p: str) -> tuple:
+    base = ["headroom", "least-outstanding", "round-robin"]
+    return (base.index(p) if p in base else len(base), p)
+
+
+def write_report(
+    runs: Sequence[RunResult],
+    out_dir: Path,
+    title: str = "gpufleet results",
+    notes: Sequence[str] = (),
+    timeline_run: RunResult | None = None,
+    plots: bool = True,
+) -> Path:
+    """Write report.md, results.json and the plots; returns the path of report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checks = check_targets(runs)
+    figures: list[tuple[str, str]] = []
+    if plots:
+        figures = _plots(runs, out_dir, timeline_run)
+    md = [f"# {title}", ""]
+    md += [f"- {n}" for n in notes]
+    md += [
+        "", "## Results", "",
+        "Goodput: requests completed within the fleet's SLO (TTFT and TPOT) per second of model time,",
+        "with the SLO attainment in brackets. p99 TTFT counts lost requests as infinite.", "",
+        results_table(runs), "", "## Targets for the headroom policy", "", targets_table(checks), "",
+    ]  # fmt: skip
+    extras = [r for r in runs if r.extra]
+    if extras:
+        md += ["## Per-run details", "", "| run | driver | trace | details |", "|---|---|---|---|"]
+        for r in extras:
+            detail = ", ".join(f"{k}: {_fmt(v)}" for k, v in r.extra.items() if not isinstance(v, dict))
+            md.append(f"| {r.label} | {r.driver} | {r.trace} | {detail} |")
+        md.append("")
+    for name, caption in figures:
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out_dir / "results.json").write_text(
+        json.dumps({"runs": [r.to_dict() for r in runs], "targets": [_finite(c.__dict__) for c in checks]},
+                   indent=1),
+        encoding="utf-8",
+    )  # fmt: skip
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+
+def _plots(runs: Sequence[RunResult], out: Path, timeline_run: RunResult | None) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list[tuple[str, str]] = []
+    steady = [r for r in runs if r.failure is None]
+    groups = sorted({(r.driver, r.trace) for r in steady})
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+        for ax, (driver, trace) in zip(axes[0], groups, strict=True):
+            mine = [r for r in steady if (r.driver, r.trace) == (driver, trace)]
+            for policy in sorted({r.policy for r in mine}, key=_policy_order):
+                pts = sorted((r.load_scale, r.summary.goodput_rps) for r in mine if r.policy == policy)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+            ax.set_title(f"{trace} ({driver})", fontsize=9)
+            ax.set_xlabel("load (x trace rate)")
+            ax.set_ylabel("goodput (req/s within SLO)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "goodput_vs_load.png", dpi=110)
+        plt.close(fig)
+        figures.append(("goodput_vs_load.png", "Goodput against load"))
+
+    with_records = [r for r in steady if r.records]
+    if with_records:
+        # The CDF at the highest load that every policy ran, on the first (driver, trace).
+        driver, trace = with_records[0].driver, with_records[0].trace
+        mine = [r for r in with_records if (r.driver, r.trace) == (driver, trace)]
+        load = max(r.load_scale for r in mine)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in sorted((r for r in mine if r.load_scale == load), key=lambda r: _policy_order(r.policy)):
+            ttfts = sorted(x.ttft_s for x in r.records if x.outcome == OK and x.ttft_s is not None)
+            n = len(r.records)
+            if ttfts and n:
+                ax.step(ttfts, [(i + 1) / n for i in range(len(ttfts))], where="post", label=r.policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (s, model time)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"TTFT CDF, {trace} x{load:g} ({driver})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "ttft_cdf.png", dpi=110)
+        plt.close(fig)
+        figures.append(("ttft_cdf.png", "TTFT CDF"))
+
+    run = timeline_run or next((r for r in runs if r.failure and r.kv_series), None)
+    if run is not None and run.kv_series:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for region, series in sorted(run.kv_series.items()):
+            ax.plot([t for t, _ in series], [100 * u for _, u in series], label=region, lw=1)
+        for t, what in run.events:
+            ax.axvline(t, color="grey", ls="--", lw=0.8)
+            ax.text(t, 101, what, fontsize=6, rotation=0, va="bottom")
+        ax.set_ylim(0, 110)
+        ax.set_xlabel("time (s, model time)")
+        ax.set_ylabel("KV cache usage %")
+        ax.set_title(f"KV usage per region, {run.label} ({run.driver}, {run.trace})", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "kv_usage.png", dpi=110)
+        plt.close(fig)
+        figures.append(("kv_usage.png", "KV usage per region over time"))
+
+    if run is not None and run.records:
+        width = max(1.0, max(r.arrival_s for r in run.records) / 60)
+        bins: dict[str, dict[int, int]] = {OK: {}, REJECTED: {}, FAILED: {}}
+        for r in run.records:
+            b = int(r.arrival_s // width)
+            bins.setdefault(r.outcome, {})
+            bins[r.outcome][b] = bins[r.outcome].get(b, 0) + 1
+        top = max((max(v) for v in bins.values() if v), default=0)
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for outcome, color in ((OK, "tab:green"), (REJECTED, "tab:orange"), (FAILED, "tab:red")):
+            xs = range(top + 1)
+            ax.plot([x * width for x in xs], [bins[outcome].get(x, 0) / width for x in xs], label=outcome,
+                    color=color)  # fmt: skip
+        for t, what in run.events:
+            ax.axvline(t, color="grey", ls="--", lw=0.8)
+            ax.text(t, 0, what, fontsize=6, va="bottom")
+        ax.set_xlabel("request sent at (s, model time)")
+        ax.set_ylabel("requests per second")
+        ax.set_title(f"Outcomes around the region failure, {run.label} ({run.driver})", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "failure_timeline.png", dpi=110)
+        plt.close(fig)
+        figures.append(("failure_timeline.png", "Failure timeline"))
+    return figures
