@@ -12,7 +12,7 @@ Pure Python, no imports beyond the catalog records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpufleet.stacks.catalog import GIB, Model
 
@@ -27,7 +27,15 @@ KV_DTYPE_BYTES = {"auto": 2, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 class SizingError(ValueError):
-    """The model does not fit; the message carries the numbers."""
+    """The model does not fit; the message carries the numbers.
+
+    `kv_tokens` is set when the weights fit but one full-length sequence does not: the KV tokens the
+    engine would have, so a caller may pick a shorter max_model_len (see `fit_engine`).
+    """
+
+    def __init__(self, message: str, *, kv_tokens: int | None = None):
+        super().__init__(message)
+        self.kv_tokens = kv_tokens
 
 
 def batching_defaults(gpu_memory_bytes: int, gpu_name: str) -> tuple[int, int]:
@@ -84,7 +92,8 @@ class EnginePlan:
         usable = self.gpu_memory_bytes * self.gpu_memory_utilization
         lines = [
             f"GPU: {self.gpu_name}, {self.gpu_memory_bytes / g:.1f} GiB x {self.tensor_parallel_size}",
-            f"usable per GPU: {self.gpu_memory_bytes / g:.1f} GiB x {self.gpu_memory_utilization:.2f} = {usable / g:.1f} GiB",
+            f"usable per GPU: {self.gpu_memory_bytes / g:.1f} GiB x {self.gpu_memory_utilization:.2f} "
+            f"= {usable / g:.1f} GiB",
             f"weights per GPU: {self.model.params_b:g}B params x 2 bytes / tp {self.tensor_parallel_size} "
             f"= {self.weight_bytes_per_gpu / g:.1f} GiB",
             f"activations + non-torch: {self.activation_bytes / g:.2f} + {self.non_torch_bytes / g:.2f} GiB",
@@ -94,7 +103,8 @@ class EnginePlan:
             f"{KV_DTYPE_BYTES[self.kv_cache_dtype]} bytes = {self.kv_bytes_per_token / 1024:g} KiB",
             f"blocks: {self.num_gpu_blocks} x {self.block_size} tokens = {self.kv_tokens} tokens "
             f"= {self.full_length_sequences:.1f} sequences of max_model_len {self.max_model_len}",
-            f"batching: max_num_seqs {self.max_num_seqs}, max_num_batched_tokens {self.max_num_batched_tokens}",
+            f"batching: max_num_seqs {self.max_num_seqs}, "
+            f"max_num_batched_tokens {self.max_num_batched_tokens}",
         ]
         return lines + list(self.notes)
 
@@ -116,7 +126,9 @@ def plan_engine(
     if kv_cache_dtype not in KV_DTYPE_BYTES:
         raise SizingError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_DTYPE_BYTES)}")
     if model.kv_heads % tensor_parallel_size and tensor_parallel_size % model.kv_heads:
-        raise SizingError(f"{model.kv_heads} KV heads cannot be split over tensor_parallel_size {tensor_parallel_size}")
+        raise SizingError(
+            f"{model.kv_heads} KV heads cannot be split over tensor_parallel_size {tensor_parallel_size}"
+        )
     default_tokens, default_seqs = batching_defaults(gpu_memory_bytes, gpu_name)
     batched = max_num_batched_tokens or default_tokens
     max_len = min(max_model_len or model.max_context, model.max_context)
@@ -126,8 +138,9 @@ def plan_engine(
     kv_bytes = usable - weights - activations - NON_TORCH_BYTES
     if kv_bytes <= 0:
         raise SizingError(
-            f"{model.key} does not fit on {tensor_parallel_size} x {gpu_name}: weights {weights / GIB:.1f} GiB "
-            f"+ activations {activations / GIB:.1f} GiB + non-torch {NON_TORCH_BYTES / GIB:.1f} GiB per GPU exceed "
+            f"{model.key} does not fit on {tensor_parallel_size} x {gpu_name}: "
+            f"weights {weights / GIB:.1f} GiB + activations {activations / GIB:.1f} GiB "
+            f"+ non-torch {NON_TORCH_BYTES / GIB:.1f} GiB per GPU exceed "
             f"{usable / GIB:.1f} GiB usable ({gpu_memory_bytes / GIB:.1f} GiB x {gpu_memory_utilization:.2f})"
         )
     per_token = model.kv_bytes_per_token(KV_DTYPE_BYTES[kv_cache_dtype], tensor_parallel_size)
@@ -135,9 +148,11 @@ def plan_engine(
     tokens = blocks * block_size
     if tokens < max_len:
         raise SizingError(
-            f"one sequence of max_model_len {max_len} needs {max_len * per_token / GIB:.2f} GiB of KV cache per GPU; "
+            f"one sequence of max_model_len {max_len} needs {max_len * per_token / GIB:.2f} GiB "
+            "of KV cache per GPU; "
             f"{model.key} on {tensor_parallel_size} x {gpu_name} leaves {kv_bytes / GIB:.2f} GiB "
-            f"({tokens} tokens at {per_token / 1024:g} KiB per token)"
+            f"({tokens} tokens at {per_token / 1024:g} KiB per token)",
+            kv_tokens=tokens,
         )
     seqs = min(max_num_seqs or default_seqs, blocks)
     return EnginePlan(
@@ -158,3 +173,65 @@ def plan_engine(
         max_num_seqs=seqs,
         max_num_batched_tokens=max(batched, min(max_len, batched)),
     )
+
+
+# A shortened max_model_len is rounded down to this many tokens, and never goes below the minimum:
+# an engine that cannot take a 2k-token conversation is not worth starting.
+SHORT_LEN_STEP = 1024
+MIN_SHORT_MODEL_LEN = 2048
+
+
+def fit_engine(
+    model: Model,
+    gpu_memory_bytes: int,
+    gpu_name: str,
+    *,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    kv_cache_dtype: str = "auto",
+    allow_fp8_kv_cache: bool = False,
+    allow_shorter_max_model_len: bool = False,
+    block_size: int = 16,
+) -> EnginePlan:
+    """`plan_engine`, with the fall-backs the fleet allows when one full-length sequence does not fit.
+
+    The ladder: the requested settings; then an fp8 KV cache (half the bytes per token) if
+    `allow_fp8_kv_cache`; then the longest max_model_len that fits (rounded down to SHORT_LEN_STEP,
+    at least MIN_SHORT_MODEL_LEN) if `allow_shorter_max_model_len`. Each step taken is a note in the
+    plan. Weights that do not fit are never rescued: SizingError as from `plan_engine`.
+    """
+    common = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                  block_size=block_size)
+    try:
+        return plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=max_model_len,
+                           kv_cache_dtype=kv_cache_dtype, **common)
+    except SizingError as exc:
+        if exc.kv_tokens is None:
+            raise
+        first = exc
+    notes: list[str] = [f"requested settings do not fit: {first}"]
+    dtype = kv_cache_dtype
+    if allow_fp8_kv_cache and dtype != "fp8":
+        dtype = "fp8"
+        try:
+            plan = plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=max_model_len,
+                               kv_cache_dtype=dtype, **common)
+            return replace(plan, notes=(*notes, "chose --kv-cache-dtype fp8 (allow_fp8_kv_cache)"))
+        except SizingError as exc:
+            first = exc
+            notes.append(f"fp8 KV cache does not fit either: {exc}")
+    if not allow_shorter_max_model_len:
+        raise SizingError(" / ".join(notes), kv_tokens=first.kv_tokens)
+    shorter = (first.kv_tokens or 0) // SHORT_LEN_STEP * SHORT_LEN_STEP
+    if shorter < MIN_SHORT_MODEL_LEN:
+        raise SizingError(
+            " / ".join(notes) + f" / the longest max_model_len that fits, {first.kv_tokens} tokens, is below "
+            f"the minimum of {MIN_SHORT_MODEL_LEN}",
+            kv_tokens=first.kv_tokens,
+        )
+    plan = plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=shorter, kv_cache_dtype=dtype,
+                       **common)
+    asked = min(max_model_len or model.max_context, model.max_context)
+    return replace(plan, notes=(*notes, f"chose max_model_len {shorter} instead of {asked}: "
+                                        f"{first.kv_tokens} KV tokens fit, rounded down to {SHORT_LEN_STEP}"))
