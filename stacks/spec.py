@@ -214,6 +214,10 @@ class RouterSettings(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     admin_token_env: str = "GPUFLEET_ADMIN_TOKEN"
     admin_token_file: str | None = None
+    idle_timeout_s: float = Field(30.0, gt=0, le=3600, description="engine silence that counts as broken")
+    breaker_failures: int = Field(3, ge=1, le=100, description="consecutive failures that open a breaker")
+    breaker_cooldown_s: float = Field(5.0, gt=0, le=3600, description="an open breaker probes after this")
+    policy: Literal["headroom", "round-robin", "least-outstanding"] = "headroom"
 
 
 class Settings(_Strict):

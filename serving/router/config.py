@@ -1,0 +1,112 @@
+"""The router's configuration: the fleet file's view of one region, plus the `router:` section.
+
+The admin token comes from an environment variable or a file, never from a default: a router that
+cannot find one refuses to start (`ConfigError`, exit 3 in the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gpufleet.stacks.spec import Fleet, RouterSettings
+
+MIN_TOKEN_CHARS = 16
+
+
+class ConfigError(Exception):
+    """The router cannot run with this configuration (missing token, unknown region, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    key: str
+    tier: str
+    residency: str | None
+    models: frozenset[str]
+    cost_per_gpu_hour: float | None
+    engines: tuple[str, ...]
+    engines_dns: str | None
+    router_url: str | None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    region: RegionInfo  # the one this router serves
+    regions: dict[str, RegionInfo]  # every region of the fleet, this one included
+    models: dict[str, int]  # served model name -> max_model_len (for /v1/models and 404s)
+    settings: RouterSettings
+    admin_token: str
+    slo_ttft_ms: float
+
+    @property
+    def peers(self) -> list[RegionInfo]:
+        return [r for k, r in self.regions.items() if k != self.region.key and r.router_url]
+
+
+def read_admin_token(settings: RouterSettings, env: Mapping[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    token = env.get(settings.admin_token_env, "").strip()
+    source = f"environment variable {settings.admin_token_env}"
+    if not token and settings.admin_token_file:
+        path = Path(settings.admin_token_file).expanduser()
+        source = f"file {path}"
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the admin token file {path}: {exc.strerror or exc}") from None
+    if not token:
+        where = f"the environment variable {settings.admin_token_env}"
+        if settings.admin_token_file:
+            where += f" or the file {settings.admin_token_file}"
+        raise ConfigError(
+            f"no admin token: set {where} (router.admin_token_env / router.admin_token_file in the "
+            "fleet file); the router has no default token"
+        )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the admin token from {source} is shorter than {MIN_TOKEN_CHARS} characters")
+    return token
+
+
+def region_info(fleet: Fleet, key: str) -> RegionInfo:
+    r = fleet.region(key)
+    model = fleet.model_for(r)
+    cost = fleet.cost_per_hour_at_max(r)
+    gpus = fleet.gpus_at_max(r)
+    return RegionInfo(
+        key=r.key,
+        tier=r.capacity.tier.value,
+        residency=r.residency,
+        models=frozenset({model.name}),
+        cost_per_gpu_hour=None if cost is None or not gpus else cost / gpus,
+        engines=tuple(u.rstrip("/") for u in r.endpoints.engines),
+        engines_dns=r.endpoints.engines_dns,
+        router_url=r.endpoints.router.rstrip("/") if r.endpoints.router else None,
+    )
+
+
+def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = None) -> RouterConfig:
+    try:
+        fleet.region(region_key)
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    regions = {r.key: region_info(fleet, r.key) for r in fleet.regions}
+    here = regions[region_key]
+    if not here.engines and not here.engines_dns:
+        raise ConfigError(
+            f"region {region_key!r} lists no engines: set regions[].endpoints.engines (URLs) "
+            "or endpoints.engines_dns (host:port) in the fleet file"
+        )
+    served = {m.name: m.max_model_len for m in fleet.models if m.name in here.models}
+    return RouterConfig(
+        region=here,
+        regions=regions,
+        models=served,
+        settings=fleet.router,
+        admin_token=read_admin_token(fleet.router, env),
+        slo_ttft_ms=fleet.slo.ttft_ms,
+    )

@@ -1,0 +1,775 @@
+"""The OpenAI-compatible gateway: route each request by KV headroom, fail over, continue broken streams.
+
+One `Router` serves one region. Per request it reads the latest engine samples (never waits on a
+scrape), asks the policy for an ordered list of candidates, and tries them within the retry budget
+and the request's deadline. Streams are relayed event by event as they arrive (no buffering beyond
+one SSE event); if the engine breaks after the client has seen bytes, the stream is continued on
+another engine from the prompt plus the text already sent, so the client sees one stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from gpufleet.serving.router.breaker import BreakerBoard
+from gpufleet.serving.router.config import RegionInfo, RouterConfig
+from gpufleet.serving.router.metrics import RouterMetrics
+from gpufleet.serving.router.policy import (
+    Candidate,
+    EngineView,
+    OptimisticLedger,
+    Policy,
+    PolicyConfig,
+    RegionView,
+    RoutedRequest,
+    estimate_prompt_tokens,
+    headroom,
+    make_policy,
+)
+from gpufleet.serving.router.signals import Scraper, resolve_engines
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
+ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
+RESIDENCY_HEADER = "X-Gpufleet-Residency"
+DEFAULT_MAX_TOKENS = 256  # demand assumed when a request gives no max_tokens
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade")
+)
+_RETRYABLE_STATUS = frozenset((429, 500, 502, 503, 504))
+
+
+class HttpError(Exception):
+    """Answered to the client as an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.headers = status, message, type_, headers or {}
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.type, self.headers)
+
+
+def error_body(status: int, message: str, type_: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": status}}
+
+
+def error_response(
+    status: int, message: str, type_: str = "invalid_request_error", headers=None
+) -> web.Response:
+    return web.json_response(error_body(status, message, type_), status=status, headers=headers)
+
+
+class _Upstream(Exception):
+    """One attempt failed before the client saw a byte; try the next candidate."""
+
+    def __init__(self, reason: str, penalize: bool = True) -> None:
+        super().__init__(reason)
+        self.penalize = penalize  # False: not the target's fault (e.g. it is merely full)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class _Stream:
+    """What has been relayed of one streamed answer so far (for continuation)."""
+
+    text: list[str] = field(default_factory=list)
+    tokens: int = 0
+    finished: bool = False  # a finish_reason was relayed
+    chunk_id: str | None = None
+    bytes_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    kind: str  # "chat" | "completions"
+    path: str
+    body: bytes
+    payload: dict[str, Any]
+    stream: bool
+    routed: RoutedRequest
+    headers: dict[str, str]
+    deadline: float
+
+
+class Router:
+    def __init__(
+        self,
+        config: RouterConfig,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        s = config.settings
+        self.clock = clock
+        self.policy_config = PolicyConfig(
+            stale_after_s=s.stale_after_s, peer_stale_after_s=2 * s.stale_after_s
+        )
+        self.policy = policy or make_policy(s.policy, self.policy_config)
+        self.breakers = BreakerBoard(
+            engine_threshold=s.breaker_failures,
+            region_threshold=2 * s.breaker_failures,
+            cooldown_s=s.breaker_cooldown_s,
+        )
+        self.ledger = OptimisticLedger()
+        self.scraper = Scraper(
+            interval_s=s.scrape_interval_s,
+            timeout_s=s.scrape_timeout_s,
+            on_round=self._wake_queue,
+            on_sample=lambda url, sample: self.ledger.on_sample(url, sample.taken_at),
+        )
+        self.scraper.set_engines(config.region.engines)
+        self.drained_regions: set[str] = set()
+        self.drained_engines: set[str] = set()
+        self.outstanding: dict[str, int] = {}
+        self.queued = 0
+        self._room = asyncio.Event()
+        self.metrics = RouterMetrics(self, clock)
+        # Peer summaries: filled by gpufleet.serving.router.regions.PeerReader.
+        self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    # ---- views for the policy --------------------------------------------------------------------
+
+    @property
+    def region(self) -> str:
+        return self.config.region.key
+
+    def engine_views(self, now: float) -> list[EngineView]:
+        local_breaker_region = self.region
+        out = []
+        for url, st in self.scraper.engines.items():
+            s = st.sample
+            out.append(
+                EngineView(
+                    id=url,
+                    region=local_breaker_region,
+                    free_tokens=s.free_tokens if s else 0.0,
+                    capacity_tokens=float(s.capacity_tokens) if s else 0.0,
+                    kv_usage=s.kv_usage if s else 1.0,
+                    running=s.running if s else 0,
+                    waiting=s.waiting if s else 0,
+                    sampled_at=s.taken_at if s else None,
+                    healthy=st.healthy,
+                    drained=url in self.drained_engines,
+                    breaker=self.breakers.engine_state(url, now),
+                    pending_tokens=self.ledger.pending(url),
+                    outstanding=self.outstanding.get(url, 0),
+                )
+            )
+        return out
+
+    def region_views(self, now: float) -> list[RegionView]:
+        out = []
+        for key, info in self.config.regions.items():
+            local = key == self.region
+            summary = None if local else self.peer_summaries.get(key)
+            base = RegionView(
+                key=key,
+                tier=info.tier,
+                residency=info.residency,
+                models=info.models,
+                cost_per_gpu_hour=info.cost_per_gpu_hour,
+                drained=key in self.drained_regions,
+                breaker=self.breakers.region_state(key, now),
+                local=local,
+                remote=not local,
+            )
+            if summary is not None:
+                received, data = summary
+                age = data.get("data_age_s")
+                base = replace(
+                    base,
+                    drained=base.drained or bool(data.get("drained")),
+                    free_tokens=float(data.get("free_tokens", 0.0)),
+                    largest_free_tokens=float(data.get("largest_free_tokens", 0.0)),
+                    healthy_engines=int(data.get("healthy_engines", 0)),
+                    queue=int(data.get("queue", 0)),
+                    summarized_at=None if age is None else received - float(age),
+                )
+            out.append(base)
+        return out
+
+    def headroom_of(self, view: EngineView, now: float) -> float:
+        return headroom(view, now, self.policy_config)
+
+    def local_summary(self, now: float) -> dict[str, Any]:
+        views = self.engine_views(now)
+        drained = self.region in self.drained_regions
+        rooms = [0.0 if drained or v.drained else self.headroom_of(v, now) for v in views]
+        ages = [v.age(now) for v in views if v.sampled_at is not None]
+        return {
+            "region": self.region,
+            "tier": self.config.region.tier,
+            "residency": self.config.region.residency,
+            "models": sorted(self.config.region.models),
+            "drained": drained,
+            "free_tokens": sum(rooms),
+            "largest_free_tokens": max(rooms, default=0.0),
+            "queue": self.queued,
+            "running": sum(v.running for v in views),
+            "waiting": sum(v.waiting for v in views),
+            "healthy_engines": sum(1 for v in views if v.healthy and not v.drained),
+            "engines": len(views),
+            "data_age_s": max(ages) if ages else None,  # None: no engine sampled yet
+        }
+
+    def region_summaries(self, now: float) -> list[dict[str, Any]]:
+        out = [self.local_summary(now)]
+        for key, (received, data) in self.peer_summaries.items():
+            age = data.get("data_age_s")
+            out.append(
+                {**data, "region": key, "data_age_s": None if age is None else float(age) + now - received}
+            )
+        return out
+
+    def choose(self, routed: RoutedRequest) -> list[Candidate]:
+        now = self.clock()
+        t0 = time.perf_counter()
+        cands = self.policy.choose(routed, self.engine_views(now), self.region_views(now), now)
+        self.metrics.decision.observe(time.perf_counter() - t0)
+        return cands
+
+    def _wake_queue(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        from gpufleet.serving.router import admin, regions
+
+        app = web.Application(client_max_size=self.config.settings.max_body_bytes + 1)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        admin.add_routes(app, self)
+        regions.add_routes(app, self)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        from gpufleet.serving.router.regions import PeerReader
+
+        s = self.config.settings
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._tasks.append(asyncio.create_task(self.scraper.run(), name=f"scrape-{self.region}"))
+        if self.config.region.engines_dns:
+            self._tasks.append(asyncio.create_task(self._discover(), name=f"dns-{self.region}"))
+        if self.config.peers:
+            reader = PeerReader(self, interval_s=s.scrape_interval_s, timeout_s=s.scrape_timeout_s)
+            self._tasks.append(asyncio.create_task(reader.run(), name=f"peers-{self.region}"))
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _discover(self) -> None:
+        """Re-resolve engines_dns periodically; static engines stay."""
+        dns = self.config.region.engines_dns
+        assert dns
+        while True:
+            try:
+                found = await resolve_engines(dns)
+            except (OSError, ValueError):
+                found = None  # keep the last known set: a DNS hiccup must not empty the region
+            if found is not None:
+                self.scraper.set_engines([*self.config.region.engines, *found])
+            await asyncio.sleep(self.config.settings.dns_refresh_s)
+
+    # ---- simple endpoints -------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "gpufleet", "max_model_len": n}
+            for name, n in self.config.models.items()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        s = self.local_summary(self.clock())
+        return web.json_response(
+            {
+                "status": "ok",
+                "region": self.region,
+                "healthy_engines": s["healthy_engines"],
+                "drained": s["drained"],
+            }
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- the request path -------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completions")
+
+    async def _handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            job = await self._parse(request, kind)
+        except HttpError as exc:
+            self.metrics.requests.labels(self.region, "bad_request").inc()
+            return exc.response()
+        try:
+            return await self._serve(request, job)
+        except HttpError as exc:
+            outcome = "rejected" if exc.status == 429 else "error"
+            self.metrics.requests.labels(self.region, outcome).inc()
+            return exc.response()
+        except _ClientGone:
+            self.metrics.requests.labels(self.region, "client_gone").inc()
+            return web.Response(status=499)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise HttpError(413, f"request body is larger than {limit} bytes", "invalid_request_error")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"request body is larger than {limit} bytes", "invalid_request_error")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse(self, request: web.Request, kind: str) -> _Job:
+        body = await self._read_body(request)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise HttpError(400, "request body must be a JSON object")
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise HttpError(400, "`model` is required")
+        if model not in self.config.models:
+            raise HttpError(
+                404,
+                f"The model `{model}` does not exist. Served here: {', '.join(self.config.models)}",
+                "NotFoundError",
+            )
+        if kind == "chat":
+            messages = payload.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise HttpError(400, "`messages` must be a non-empty list")
+            chars = sum(len(str(m.get("content", ""))) if isinstance(m, dict) else 0 for m in messages)
+        else:
+            prompt = payload.get("prompt")
+            if not isinstance(prompt, str | list) or not prompt:
+                raise HttpError(400, "`prompt` is required")
+            # A token id stands for about 4 characters.
+            chars = (
+                len(prompt)
+                if isinstance(prompt, str)
+                else sum(len(p) if isinstance(p, str) else 4 for p in prompt)
+            )
+        max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+        ):
+            raise HttpError(400, "`max_tokens` must be a positive integer")
+        need = estimate_prompt_tokens(chars) + (max_tokens or DEFAULT_MAX_TOKENS)
+        hop = request.headers.get(HOP_HEADER)
+        residency = request.headers.get(RESIDENCY_HEADER) or self.config.region.residency
+        routed = RoutedRequest(
+            need_tokens=need,
+            model=model,
+            residency=residency,
+            affinity_key=str(hash(body[:256])),
+            allow_remote=hop is None,
+        )
+        headers = {"Content-Type": "application/json", HOP_HEADER: hop or self.region}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        deadline = self.clock() + self.config.settings.request_timeout_s
+        return _Job(kind, request.path, body, payload, bool(payload.get("stream")), routed, headers, deadline)
+
+    async def _admit(self, job: _Job) -> list[Candidate]:
+        """Candidates now, or after a short wait in the bounded queue, or 429."""
+        cands = self.choose(job.routed)
+        if cands:
+            return cands
+        s = self.config.settings
+        # A forwarded request does not queue here: the origin router has other candidates.
+        wait = 0.0 if not job.routed.allow_remote else s.queue_wait_s
+        retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
+        if wait <= 0 or self.queued >= s.queue_max:
+            self.metrics.rejected.inc()
+            raise HttpError(
+                429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
+            )
+        self.queued += 1
+        try:
+            until = min(job.deadline, self.clock() + wait)
+            while True:
+                left = until - self.clock()
+                if left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._room.wait(), left)
+                except TimeoutError:
+                    pass
+                cands = self.choose(job.routed)
+                if cands:
+                    return cands
+        finally:
+            self.queued -= 1
+        self.metrics.rejected.inc()
+        raise HttpError(
+            429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
+        )
+
+    def _take(self, cands: list[Candidate]) -> Candidate | None:
+        """The first candidate whose breakers let a request through now."""
+        now = self.clock()
+        for c in cands:
+            region_b = self.breakers.region(c.region)
+            if not region_b.allow(now):
+                continue
+            if c.engine is None or self.breakers.engine(c.engine).allow(now):
+                return c
+            region_b.release()
+        return None
+
+    def _record(self, cand: Candidate, ok: bool) -> None:
+        now = self.clock()
+        if cand.engine is not None:
+            b = self.breakers.engine(cand.engine)
+            b.success(now) if ok else b.failure(now)
+        rb = self.breakers.region(cand.region)
+        rb.success(now) if ok else rb.failure(now)
+
+    def _url(self, cand: Candidate, path: str) -> str:
+        if cand.engine is not None:
+            return cand.engine + path
+        peer: RegionInfo = self.config.regions[cand.region]
+        return f"{peer.router_url}{path}"
+
+    async def _serve(self, request: web.Request, job: _Job) -> web.StreamResponse:
+        cands = await self._admit(job)
+        failed: set[str] = set()
+        attempts = 0
+        budget = self.config.settings.retry_budget
+        last_error = "no candidate"
+        while attempts <= budget:
+            cand = self._take(cands)
+            if cand is None:
+                break
+            if attempts:
+                self.metrics.retries.inc()
+            attempts += 1
+            try:
+                return await self._attempt(request, job, cand, job.body, job.payload)
+            except _Upstream as exc:
+                last_error = f"{cand.target}: {exc}"
+                failed.add(cand.target)
+                if exc.penalize:
+                    self._record(cand, ok=False)
+                else:
+                    self._release(cand)
+            if self.clock() >= job.deadline:
+                break
+            cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
+        raise HttpError(503, f"no engine could serve the request ({last_error})", "service_unavailable")
+
+    def _release(self, cand: Candidate) -> None:
+        if cand.engine is not None:
+            self.breakers.engine(cand.engine).release()
+        self.breakers.region(cand.region).release()
+
+    def _note_sent(self, cand: Candidate, job: _Job) -> None:
+        if cand.engine is not None:
+            self.ledger.routed(cand.engine, job.routed.need_tokens, self.clock())
+            self.outstanding[cand.engine] = self.outstanding.get(cand.engine, 0) + 1
+        else:
+            self.metrics.spills.labels(cand.region).inc()
+
+    def _note_done(self, cand: Candidate) -> None:
+        if cand.engine is not None:
+            n = self.outstanding.get(cand.engine, 1) - 1
+            if n > 0:
+                self.outstanding[cand.engine] = n
+            else:
+                self.outstanding.pop(cand.engine, None)
+
+    async def _open(self, cand: Candidate, job: _Job, body: bytes) -> aiohttp.ClientResponse:
+        """POST to the candidate; the response with headers read, or `_Upstream`."""
+        assert self._session is not None
+        s = self.config.settings
+        left = job.deadline - self.clock()
+        if left <= 0:
+            raise _Upstream("deadline passed", penalize=False)
+        # Streams must show life within idle_timeout_s; a whole non-streamed answer may take until
+        # the deadline.
+        read = min(left, s.idle_timeout_s) if job.stream else left
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=read)
+        try:
+            resp = await self._session.post(
+                self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _Upstream(f"{type(exc).__name__}: {exc}") from None
+        if resp.status in _RETRYABLE_STATUS:
+            resp.release()
+            # 429 means full, not broken: move on without opening the breaker.
+            raise _Upstream(f"answered {resp.status}", penalize=resp.status != 429)
+        return resp
+
+    async def _attempt(
+        self, request: web.Request, job: _Job, cand: Candidate, body: bytes, payload: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = await self._open(cand, job, body)
+        self._note_sent(cand, job)
+        try:
+            if not job.stream or resp.status != 200:
+                try:
+                    data = await resp.read()
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    raise _Upstream(f"answer broke: {type(exc).__name__}") from None
+                self._record(cand, ok=True)
+                self.metrics.requests.labels(cand.region, "ok" if resp.status < 400 else "upstream_4xx").inc()
+                headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+                headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
+                return web.Response(status=resp.status, body=data, headers=headers)
+            return await self._relay(request, job, cand, resp)
+        finally:
+            resp.release()
+            self._note_done(cand)
+
+    # ---- streaming --------------------------------------------------------------------------------
+
+    async def _relay(
+        self, request: web.Request, job: _Job, cand: Candidate, resp: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                ROUTED_HEADER: resp.headers.get(ROUTED_HEADER, cand.region),
+            },
+        )
+        out.enable_chunked_encoding()
+        try:
+            await out.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise _ClientGone() from exc
+        stream = _Stream()
+        try:
+            done, broke = await self._pump(resp, out, stream, rewrite_id=False)
+            if done:
+                self._record(cand, ok=True)
+                self.metrics.requests.labels(cand.region, "ok").inc()
+            else:
+                self._record(cand, ok=False)
+                if not await self._continue(request, job, cand, out, stream, broke):
+                    self.metrics.requests.labels(cand.region, "stream_error").inc()
+        except _ClientGone:
+            # The client left mid-stream: not the engine's fault, and nobody to answer.
+            self._release(cand)
+            self.metrics.requests.labels(cand.region, "client_gone").inc()
+            return out
+        try:
+            await out.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+        return out
+
+    async def _write(self, out: web.StreamResponse, data: bytes) -> None:
+        try:
+            if data:
+                await out.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise _ClientGone() from exc
+
+    async def _pump(
+        self, resp: aiohttp.ClientResponse, out: web.StreamResponse, stream: _Stream, rewrite_id: bool
+    ) -> tuple[bool, str]:
+        """Relay SSE events until [DONE]. Returns (completed, why it broke)."""
+        event: list[bytes] = []
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    if line.startswith(b"data:"):
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            await self._write(out, b"".join(event) + b"data: [DONE]\n\n")
+                            return True, ""
+                        line = self._observe(data, stream, rewrite_id) or line
+                    event.append(line)
+                    continue
+                if event:  # blank line: the event is complete; relay it now
+                    event.append(b"\n")
+                    chunk = b"".join(event)
+                    event.clear()
+                    await self._write(out, chunk)
+                    stream.bytes_out += len(chunk)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return False, f"{type(exc).__name__}"
+        return False, "stream ended without [DONE]"
+
+    @staticmethod
+    def _observe(data: bytes, stream: _Stream, rewrite_id: bool) -> bytes | None:
+        """Note the text a chunk carries; on a continuation, give it the first stream's id."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(chunk, dict):
+            return None
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                stream.text.append(text)
+                stream.tokens += 1
+            if choice.get("finish_reason"):
+                stream.finished = True
+        if rewrite_id and stream.chunk_id is not None and chunk.get("id") != stream.chunk_id:
+            chunk["id"] = stream.chunk_id
+            return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
+        if stream.chunk_id is None and isinstance(chunk.get("id"), str):
+            stream.chunk_id = chunk["id"]
+        return None
+
+    async def _continue(
+        self,
+        request: web.Request,
+        job: _Job,
+        broken: Candidate,
+        out: web.StreamResponse,
+        stream: _Stream,
+        why: str,
+    ) -> bool:
+        """Continue a broken stream elsewhere; on failure end it with an error event. True if completed."""
+        if stream.finished:
+            # Everything but [DONE] arrived: close it properly.
+            await self._write(out, b"data: [DONE]\n\n")
+            self.metrics.requests.labels(broken.region, "ok").inc()
+            return True
+        failed = {broken.target}
+        payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
+        attempts = 0
+        while (
+            payload is not None
+            and attempts <= self.config.settings.retry_budget
+            and self.clock() < job.deadline
+        ):
+            need = max(1, job.routed.need_tokens - stream.tokens)
+            cands = self.choose(replace(job.routed, need_tokens=need, exclude=frozenset(failed)))
+            cand = self._take(cands)
+            if cand is None:
+                break
+            attempts += 1
+            body = json.dumps(payload).encode()
+            try:
+                resp = await self._open(cand, job, body)
+            except _Upstream as exc:
+                failed.add(cand.target)
+                self._record(cand, ok=False) if exc.penalize else self._release(cand)
+                continue
+            self._note_sent(cand, job)
+            try:
+                if resp.status != 200:
+                    failed.add(cand.target)
+                    self._release(cand)
+                    continue
+                done, why = await self._pump(resp, out, stream, rewrite_id=True)
+            finally:
+                resp.release()
+                self._note_done(cand)
+            if done:
+                self._record(cand, ok=True)
+                self.metrics.continuations.labels("ok").inc()
+                self.metrics.requests.labels(cand.region, "continued").inc()
+                return True
+            self._record(cand, ok=False)
+            failed.add(cand.target)
+            if stream.finished:
+                return await self._continue(request, job, cand, out, stream, why)
+            payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
+        self.metrics.continuations.labels("failed").inc()
+        err = error_body(502, f"the stream broke ({why}) and could not be continued", "service_unavailable")
+        await self._write(out, b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+        return False
+
+
+def continuation_payload(
+    kind: str, payload: dict[str, Any], text: str, tokens_sent: int
+) -> dict[str, Any] | None:
+    """The request that continues an answer from `text` (what the client has already received).
+
+    Chat: the text so far becomes a final assistant message that vLLM continues
+    (continue_final_message=true, add_generation_prompt=false). Completions: the prompt plus the
+    text. max_tokens shrinks by what was sent. None when the request cannot be continued (several
+    choices, a token-id prompt, or nothing left to generate).
+    """
+    if payload.get("n", 1) not in (1, None) or payload.get("best_of", 1) not in (1, None):
+        return None
+    p = dict(payload)
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(p.get(key), int):
+            left = p[key] - tokens_sent
+            if left < 1:
+                return None
+            p[key] = left
+    if kind == "chat":
+        messages = list(payload["messages"])
+        last = messages[-1] if messages else None
+        if (
+            payload.get("continue_final_message")
+            and isinstance(last, dict)
+            and last.get("role") == "assistant"
+            and isinstance(last.get("content"), str)
+        ):
+            messages[-1] = {**last, "content": last["content"] + text}
+        else:
+            messages.append({"role": "assistant", "content": text})
+        p["messages"] = messages
+        p["continue_final_message"] = True
+        p["add_generation_prompt"] = False
+        return p
+    prompt = payload.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        return None
+    p["prompt"] = prompt + text
+    p.pop("echo", None)
+    return p

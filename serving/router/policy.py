@@ -1,0 +1,339 @@
+"""Routing policies: pure functions of a snapshot of the fleet, shared by the router and the simulator.
+
+Nothing here does I/O, awaits, or reads a clock: the caller passes `now` (seconds on any monotonic
+scale, the same one the views' `sampled_at` use). The router builds views from live scrapes; the
+simulator builds them from its virtual engines, and both get the same decisions.
+
+The signal (docs/ARCHITECTURE.md, "The signal"): an engine's headroom in tokens is what its last
+sample said was free, minus what was routed there since the sample (optimistic accounting, so a
+burst does not herd onto one engine between scrapes), minus the estimated demand of its waiting
+queue. Stale data counts as full; an engine that does not answer counts as down.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+# Reserved before on-demand before spot (mirrors stacks.spec.TIER_PREFERENCE without importing pydantic).
+TIER_RANK: dict[str, int] = {"reserved": 0, "on-demand": 1, "spot": 2}
+
+
+class BreakerState(StrEnum):
+    closed = "closed"
+    half_open = "half-open"  # one probe may go now
+    open = "open"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """One engine as the policy sees it at decision time."""
+
+    id: str  # the engine's base URL in the router
+    region: str
+    free_tokens: float  # (1 - kv_cache_usage) * num_gpu_blocks * block_size, at the sample
+    capacity_tokens: float = 0.0  # num_gpu_blocks * block_size
+    kv_usage: float = 0.0
+    running: int = 0
+    waiting: int = 0
+    sampled_at: float | None = None  # None: never sampled (counts as full)
+    healthy: bool = True  # False: the last scrape failed or returned garbage
+    drained: bool = False
+    breaker: BreakerState = BreakerState.closed
+    pending_tokens: float = 0.0  # routed here since the sample (optimistic accounting)
+    outstanding: int = 0  # requests this router has in flight here
+    waiting_tokens: float | None = None  # demand of the waiting queue; None: estimate from `waiting`
+
+    def age(self, now: float) -> float:
+        return float("inf") if self.sampled_at is None else max(0.0, now - self.sampled_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RegionView:
+    """A region's static facts plus, for a region whose engines this router cannot see (a peer),
+    the summary its own router published."""
+
+    key: str
+    tier: str = "on-demand"
+    residency: str | None = None
+    models: frozenset[str] = frozenset()  # empty: serves any model
+    cost_per_gpu_hour: float | None = None
+    drained: bool = False
+    breaker: BreakerState = BreakerState.closed
+    local: bool = False  # the region the request arrived at
+    # Peer summary (ignored when the region's engines are passed to the policy directly).
+    remote: bool = False
+    free_tokens: float = 0.0
+    largest_free_tokens: float = 0.0
+    healthy_engines: int = 0
+    queue: int = 0
+    summarized_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedRequest:
+    need_tokens: int  # prompt tokens (estimated) + max_tokens: must fit on ONE engine
+    model: str | None = None
+    residency: str | None = None  # None: may go anywhere
+    affinity_key: str | None = None  # e.g. a hash of the prompt's first block; breaks ties
+    allow_remote: bool = True  # False for a request already forwarded once (hop header)
+    exclude: frozenset[str] = frozenset()  # engine ids / region keys that already failed this request
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    region: str
+    engine: str | None  # None: forward to the region's router (a peer)
+    headroom: float
+
+    @property
+    def target(self) -> str:
+        return self.engine if self.engine is not None else self.region
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    stale_after_s: float = 3.0
+    waiting_request_tokens: float = 512.0  # assumed demand per waiting request when not given
+    peer_stale_after_s: float = 6.0
+
+
+class Policy(Protocol):
+    """Orders where a request may go. An empty list means nothing fits now (queue, then 429)."""
+
+    name: str
+
+    def choose(
+        self,
+        request: RoutedRequest,
+        engines: Sequence[EngineView],
+        regions: Sequence[RegionView],
+        now: float,
+    ) -> list[Candidate]: ...
+
+
+# ---- shared filters and the headroom arithmetic ------------------------------------------------------
+
+
+def headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
+    """Tokens this engine can still take, by the signal; 0 when its data is stale or it is down."""
+    if not engine.healthy or engine.age(now) > config.stale_after_s:
+        return 0.0
+    waiting = engine.waiting_tokens
+    if waiting is None:
+        waiting = engine.waiting * config.waiting_request_tokens
+    return max(0.0, engine.free_tokens - engine.pending_tokens - waiting)
+
+
+def region_allowed(region: RegionView, request: RoutedRequest) -> bool:
+    if region.drained or region.breaker is BreakerState.open or region.key in request.exclude:
+        return False
+    if request.residency is not None and region.residency != request.residency:
+        return False
+    return not (request.model is not None and region.models and request.model not in region.models)
+
+
+def engine_usable(engine: EngineView, request: RoutedRequest) -> bool:
+    return (
+        engine.healthy
+        and not engine.drained
+        and engine.breaker is not BreakerState.open
+        and engine.id not in request.exclude
+    )
+
+
+def _allowed_regions(request: RoutedRequest, regions: Sequence[RegionView]) -> dict[str, RegionView]:
+    return {r.key: r for r in regions if region_allowed(r, request)}
+
+
+def _tie(affinity_key: str | None, engine_id: str) -> int:
+    # Stable per (prompt prefix, engine): equal-headroom engines keep getting the same prefix,
+    # so its cached blocks get reused.
+    return 0 if affinity_key is None else zlib.crc32(f"{affinity_key}|{engine_id}".encode())
+
+
+def _peer_candidates(
+    request: RoutedRequest, allowed: dict[str, RegionView], seen: set[str], now: float, config: PolicyConfig
+) -> list[tuple[RegionView, float]]:
+    """Remote regions (summaries only) where the request fits on the largest engine."""
+    if not request.allow_remote:
+        return []
+    out = []
+    for region in allowed.values():
+        if not region.remote or region.key in seen or region.summarized_at is None:
+            continue
+        if now - region.summarized_at > config.peer_stale_after_s or region.healthy_engines == 0:
+            continue
+        if region.largest_free_tokens >= request.need_tokens:
+            out.append((region, region.free_tokens))
+    return out
+
+
+# ---- the policies ------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadroomPolicy:
+    """The project's policy: fit by single-engine headroom, prefer local, cheaper tier, most headroom."""
+
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+    name: str = "headroom"
+
+    def choose(
+        self,
+        request: RoutedRequest,
+        engines: Sequence[EngineView],
+        regions: Sequence[RegionView],
+        now: float,
+    ) -> list[Candidate]:
+        allowed = _allowed_regions(request, regions)
+        need = request.need_tokens
+        by_region: dict[str, list[tuple[float, int, str]]] = {}
+        totals: dict[str, float] = {}
+        for e in engines:
+            region = allowed.get(e.region)
+            if (
+                region is None
+                or not engine_usable(e, request)
+                or (region.remote and not request.allow_remote)
+            ):
+                continue
+            room = headroom(e, now, self.config)
+            totals[e.region] = totals.get(e.region, 0.0) + room
+            if room >= need:
+                by_region.setdefault(e.region, []).append((room, _tie(request.affinity_key, e.id), e.id))
+        ranked: list[tuple[tuple, Candidate | list[Candidate]]] = []
+        for key, fits in by_region.items():
+            region = allowed[key]
+            fits.sort(key=lambda t: (-t[0], t[1]))
+            order = (not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
+            ranked.append((order, [Candidate(key, eid, room) for room, _, eid in fits]))
+        for region, free in _peer_candidates(request, allowed, set(totals), now, self.config):
+            order = (not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
+            ranked.append((order, [Candidate(region.key, None, region.largest_free_tokens)]))
+        ranked.sort(key=lambda t: t[0])
+        return [c for _, group in ranked for c in group]
+
+
+@dataclass
+class RoundRobinPolicy:
+    """Baseline: every usable engine in turn, ignoring headroom (local region first, then peers)."""
+
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+    name: str = "round-robin"
+    _turn: int = 0
+
+    def choose(
+        self,
+        request: RoutedRequest,
+        engines: Sequence[EngineView],
+        regions: Sequence[RegionView],
+        now: float,
+    ) -> list[Candidate]:
+        allowed = _allowed_regions(request, regions)
+        usable = [e for e in engines if e.region in allowed and engine_usable(e, request)]
+        if not request.allow_remote:
+            usable = [e for e in usable if not allowed[e.region].remote]
+        out: list[Candidate] = []
+        if usable:
+            start = self._turn % len(usable)
+            self._turn += 1
+            rotated = usable[start:] + usable[:start]
+            out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in rotated]
+        seen = {e.region for e in usable}
+        out += [
+            Candidate(r.key, None, r.largest_free_tokens)
+            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
+        ]
+        return out
+
+
+@dataclass
+class LeastOutstandingPolicy:
+    """Baseline: the engine with the fewest requests in flight (ours, plus its reported queue)."""
+
+    config: PolicyConfig = field(default_factory=PolicyConfig)
+    name: str = "least-outstanding"
+
+    def choose(
+        self,
+        request: RoutedRequest,
+        engines: Sequence[EngineView],
+        regions: Sequence[RegionView],
+        now: float,
+    ) -> list[Candidate]:
+        allowed = _allowed_regions(request, regions)
+        usable = [
+            e
+            for e in engines
+            if e.region in allowed
+            and engine_usable(e, request)
+            and (request.allow_remote or not allowed[e.region].remote)
+        ]
+        usable.sort(key=lambda e: (e.outstanding + e.waiting, not allowed[e.region].local, e.id))
+        out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in usable]
+        seen = {e.region for e in usable}
+        out += [
+            Candidate(r.key, None, r.largest_free_tokens)
+            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
+        ]
+        return out
+
+
+POLICIES = {
+    "headroom": HeadroomPolicy,
+    "round-robin": RoundRobinPolicy,
+    "least-outstanding": LeastOutstandingPolicy,
+}
+
+
+def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; one of {', '.join(POLICIES)}") from None
+    return cls(config=config or PolicyConfig())
+
+
+# ---- optimistic accounting ---------------------------------------------------------------------------
+
+
+class OptimisticLedger:
+    """Tokens routed to each engine since its last sample.
+
+    A sample taken at time t already reflects (mostly) what was routed before t; what was routed
+    after t is not in it yet, so it is subtracted from the sample's free tokens. `on_sample` drops
+    the entries the new sample covers. Time is passed in, so the simulator can run it virtually.
+    """
+
+    __slots__ = ("_entries", "_grace_s")
+
+    def __init__(self, grace_s: float = 0.0) -> None:
+        # grace_s: how long an admitted request may take to show up in the engine's metrics.
+        self._entries: dict[str, list[tuple[float, float]]] = {}
+        self._grace_s = grace_s
+
+    def routed(self, engine: str, tokens: float, now: float) -> None:
+        self._entries.setdefault(engine, []).append((now, tokens))
+
+    def on_sample(self, engine: str, sampled_at: float) -> None:
+        entries = self._entries.get(engine)
+        if entries:
+            cutoff = sampled_at - self._grace_s
+            self._entries[engine] = [(t, n) for t, n in entries if t > cutoff]
+
+    def pending(self, engine: str) -> float:
+        entries = self._entries.get(engine)
+        return sum(n for _, n in entries) if entries else 0.0
+
+    def forget(self, engines: Iterable[str]) -> None:
+        for e in engines:
+            self._entries.pop(e, None)
+
+
+def estimate_prompt_tokens(text_chars: int) -> int:
+    """Without the model's tokenizer: about 4 characters per token for English text and code."""
+    return max(1, (text_chars + 3) // 4)

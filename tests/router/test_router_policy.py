@@ -1,0 +1,223 @@
+"""The routing policies, pure: views in, ordered candidates out, time passed in."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gpufleet.serving.router.policy import (
+    BreakerState,
+    EngineView,
+    HeadroomPolicy,
+    LeastOutstandingPolicy,
+    OptimisticLedger,
+    PolicyConfig,
+    RegionView,
+    RoundRobinPolicy,
+    RoutedRequest,
+    headroom,
+    make_policy,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+NOW = 100.0
+CFG = PolicyConfig(stale_after_s=3.0, waiting_request_tokens=100.0)
+
+
+def eng(id_, region, free, **kw) -> EngineView:
+    return EngineView(
+        id=id_, region=region, free_tokens=free, sampled_at=kw.pop("sampled_at", NOW - 0.5), **kw
+    )
+
+
+def reg(key, **kw) -> RegionView:
+    return RegionView(key=key, **kw)
+
+
+REGIONS = [
+    reg("local", tier="on-demand", residency="us", local=True),
+    reg("cheap", tier="reserved", residency="us"),
+    reg("spot", tier="spot", residency="us"),
+    reg("eu", tier="reserved", residency="eu"),
+]
+
+
+def ids(cands):
+    return [c.target for c in cands]
+
+
+def test_headroom_subtracts_pending_and_waiting_and_fails_closed():
+    e = eng("a", "local", 10_000, pending_tokens=2_000, waiting=3)
+    assert headroom(e, NOW, CFG) == 10_000 - 2_000 - 300
+    assert headroom(replace(e, waiting_tokens=50.0), NOW, CFG) == 10_000 - 2_000 - 50
+    assert headroom(replace(e, sampled_at=NOW - 3.5), NOW, CFG) == 0  # stale counts as full
+    assert headroom(replace(e, sampled_at=None), NOW, CFG) == 0  # never sampled
+    assert headroom(replace(e, healthy=False), NOW, CFG) == 0
+
+
+def test_local_region_first_when_it_fits_even_with_less_headroom():
+    p = HeadroomPolicy(CFG)
+    engines = [eng("l1", "local", 2_000), eng("c1", "cheap", 50_000)]
+    assert ids(p.choose(RoutedRequest(1_000), engines, REGIONS, NOW)) == ["l1", "c1"]
+
+
+def test_spill_prefers_cheaper_tier_then_headroom():
+    p = HeadroomPolicy(CFG)
+    engines = [
+        eng("l1", "local", 500),
+        eng("s1", "spot", 90_000),
+        eng("c1", "cheap", 5_000),
+        eng("c2", "cheap", 8_000),
+    ]
+    assert ids(p.choose(RoutedRequest(1_000), engines, REGIONS, NOW)) == ["c2", "c1", "s1"]
+
+
+def test_fit_is_per_engine_not_per_region_sum():
+    p = HeadroomPolicy(CFG)
+    engines = [eng(f"c{i}", "cheap", 900) for i in range(10)] + [eng("s1", "spot", 1_500)]
+    assert ids(p.choose(RoutedRequest(1_000), engines, REGIONS, NOW)) == ["s1"]
+
+
+def test_residency_drain_breaker_and_exclusions():
+    p = HeadroomPolicy(CFG)
+    engines = [eng("l1", "local", 9_000), eng("e1", "eu", 90_000), eng("c1", "cheap", 9_000)]
+    assert ids(p.choose(RoutedRequest(100, residency="us"), engines, REGIONS, NOW)) == ["l1", "c1"]
+    assert ids(p.choose(RoutedRequest(100, residency="eu"), engines, REGIONS, NOW)) == ["e1"]
+    drained = [replace(r, drained=r.key == "local") for r in REGIONS]
+    assert "l1" not in ids(p.choose(RoutedRequest(100), engines, drained, NOW))
+    opened = [replace(engines[0], breaker=BreakerState.open), *engines[1:]]
+    assert "l1" not in ids(p.choose(RoutedRequest(100), opened, REGIONS, NOW))
+    assert "l1" not in ids(p.choose(RoutedRequest(100, exclude=frozenset({"l1"})), engines, REGIONS, NOW))
+    half = [replace(engines[0], breaker=BreakerState.half_open), *engines[1:]]
+    assert ids(p.choose(RoutedRequest(100), half, REGIONS, NOW))[0] == "l1"
+    dr = [replace(engines[0], drained=True), *engines[1:]]
+    assert "l1" not in ids(p.choose(RoutedRequest(100), dr, REGIONS, NOW))
+
+
+def test_model_filter():
+    p = HeadroomPolicy(CFG)
+    regions = [replace(REGIONS[0], models=frozenset({"a"})), replace(REGIONS[1], models=frozenset({"b"}))]
+    engines = [eng("l1", "local", 9_000), eng("c1", "cheap", 9_000)]
+    assert ids(p.choose(RoutedRequest(100, model="b"), engines, regions, NOW)) == ["c1"]
+
+
+def test_nothing_fits_gives_empty_list():
+    p = HeadroomPolicy(CFG)
+    assert p.choose(RoutedRequest(10_000), [eng("l1", "local", 9_000)], REGIONS, NOW) == []
+
+
+def test_peer_summaries_are_forward_candidates():
+    p = HeadroomPolicy(CFG)
+    regions = [
+        REGIONS[0],
+        reg(
+            "peer",
+            tier="reserved",
+            remote=True,
+            free_tokens=40_000,
+            largest_free_tokens=20_000,
+            healthy_engines=2,
+            summarized_at=NOW - 1,
+        ),
+        reg(
+            "small",
+            tier="reserved",
+            remote=True,
+            free_tokens=40_000,
+            largest_free_tokens=500,
+            healthy_engines=4,
+            summarized_at=NOW - 1,
+        ),
+        reg(
+            "old",
+            tier="reserved",
+            remote=True,
+            free_tokens=99_000,
+            largest_free_tokens=99_000,
+            healthy_engines=4,
+            summarized_at=NOW - 60,
+        ),
+    ]
+    cands = p.choose(RoutedRequest(1_000), [eng("l1", "local", 200)], regions, NOW)
+    assert [(c.region, c.engine) for c in cands] == [("peer", None)]
+    # A request that already crossed a region boundary is not forwarded again.
+    assert p.choose(RoutedRequest(1_000, allow_remote=False), [eng("l1", "local", 200)], regions, NOW) == []
+
+
+def test_round_robin_rotates_and_least_outstanding_balances():
+    engines = [eng("a", "local", 1), eng("b", "local", 1), eng("c", "local", 1)]
+    rr = RoundRobinPolicy(CFG)
+    firsts = [rr.choose(RoutedRequest(10), engines, REGIONS, NOW)[0].target for _ in range(6)]
+    assert firsts == ["a", "b", "c", "a", "b", "c"]
+    lo = LeastOutstandingPolicy(CFG)
+    loaded = [replace(engines[0], outstanding=5), replace(engines[1], outstanding=1), engines[2]]
+    assert ids(lo.choose(RoutedRequest(10), loaded, REGIONS, NOW)) == ["c", "b", "a"]
+    assert make_policy("round-robin").name == "round-robin"
+
+
+def test_affinity_breaks_ties_stably():
+    p = HeadroomPolicy(CFG)
+    engines = [eng(f"e{i}", "local", 5_000) for i in range(8)]
+    first = {
+        p.choose(RoutedRequest(10, affinity_key="prefix-1"), engines, REGIONS, NOW)[0].target
+        for _ in range(5)
+    }
+    assert len(first) == 1
+
+
+def test_ledger_counts_only_what_was_routed_after_the_sample():
+    ledger = OptimisticLedger()
+    ledger.routed("a", 100, now=1.0)
+    ledger.routed("a", 50, now=2.0)
+    assert ledger.pending("a") == 150
+    ledger.on_sample("a", sampled_at=1.5)
+    assert ledger.pending("a") == 50
+    ledger.on_sample("a", sampled_at=2.5)
+    assert ledger.pending("a") == 0 and ledger.pending("never") == 0
+
+
+def test_optimistic_accounting_spreads_a_burst():
+    """Between two scrapes, a burst goes to several engines, not all onto the roomiest one."""
+    p, ledger = HeadroomPolicy(CFG), OptimisticLedger()
+    base = [eng("a", "local", 10_000), eng("b", "local", 8_000)]
+    chosen = []
+    for i in range(6):
+        views = [replace(e, pending_tokens=ledger.pending(e.id)) for e in base]
+        target = p.choose(RoutedRequest(2_000), views, REGIONS, NOW + i * 0.01)[0].target
+        ledger.routed(target, 2_000, NOW)
+        chosen.append(target)
+    # Without the ledger all six would go to "a"; with it, the headrooms stay within one request.
+    assert chosen == ["a", "a", "b", "a", "b", "a"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([r.key for r in REGIONS]),
+            st.floats(0, 50_000),
+            st.booleans(),
+            st.sampled_from(list(BreakerState)),
+            st.floats(0, 10),
+        ),
+        max_size=30,
+    ),
+    st.integers(1, 40_000),
+    st.sampled_from([None, "us", "eu"]),
+)
+def test_every_candidate_fits_and_is_allowed(specs, need, residency):
+    engines = [
+        eng(f"e{i}", r, free, healthy=ok, breaker=b, sampled_at=NOW - age)
+        for i, (r, free, ok, b, age) in enumerate(specs)
+    ]
+    by_region = {r.key: r for r in REGIONS}
+    cands = HeadroomPolicy(CFG).choose(RoutedRequest(need, residency=residency), engines, REGIONS, NOW)
+    views = {e.id: e for e in engines}
+    assert len({c.target for c in cands}) == len(cands)
+    for c in cands:
+        e = views[c.engine]
+        assert headroom(e, NOW, CFG) >= need and e.breaker is not BreakerState.open
+        assert residency is None or by_region[e.region].residency == residency
+    # Local candidates come first.
+    locals_ = [by_region[c.region].local for c in cands]
+    assert locals_ == sorted(locals_, reverse=True)

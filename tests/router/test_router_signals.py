@@ -1,0 +1,101 @@
+"""The metrics parser against vLLM's exposition format: current and previous names, data parallel,
+and garbage (which must raise MetricsError and nothing else)."""
+
+from __future__ import annotations
+
+import pytest
+from gpufleet.serving.router.signals import EngineState, MetricsError, parse_metrics
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from .fixtures import CURRENT, DATA_PARALLEL, PREVIOUS
+
+
+def test_current_names():
+    s = parse_metrics(CURRENT, taken_at=10.0)
+    assert (s.num_gpu_blocks, s.block_size) == (1000, 16)
+    assert s.kv_usage == pytest.approx(0.25)
+    assert s.free_tokens == pytest.approx(0.75 * 1000 * 16)
+    assert (s.running, s.waiting) == (7, 2)
+    assert s.preemptions_total == 3
+    assert (s.prefix_queries_total, s.prefix_hits_total) == (1000, 400)
+    assert s.models == {"llama-3.1-8b"}
+    assert s.taken_at == 10.0
+
+
+def test_previous_names_read_as_fallback():
+    old, new = parse_metrics(PREVIOUS, 0.0), parse_metrics(CURRENT, 0.0)
+    assert (old.free_tokens, old.prefix_hits_total) == (new.free_tokens, new.prefix_hits_total)
+
+
+def test_current_name_wins_when_both_present():
+    both = CURRENT + 'vllm:gpu_cache_usage_perc{engine="0",model_name="llama-3.1-8b"} 0.9\n'
+    assert parse_metrics(both, 0.0).kv_usage == pytest.approx(0.25)
+
+
+def test_data_parallel_cores_add_up():
+    s = parse_metrics(DATA_PARALLEL, 0.0)
+    assert s.free_tokens == pytest.approx(0.5 * 1600 + 1600)
+    assert s.num_gpu_blocks == 200 and s.running == 4
+    assert s.kv_usage == pytest.approx(0.25)
+
+
+def test_extra_labels_and_escapes_tolerated():
+    text = CURRENT.replace('cache_dtype="auto"', 'cache_dtype="a\\"b,c=\\\\d"')
+    assert parse_metrics(text, 0.0).num_gpu_blocks == 1000
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "<html>502 Bad Gateway</html>",
+        CURRENT.replace("vllm:cache_config_info", "vllm:other_info"),  # no cache config
+        CURRENT.replace("vllm:kv_cache_usage_perc{", "vllm:unrelated{"),  # no usage
+        CURRENT.replace("} 0.25", "} banana"),
+        CURRENT.replace("} 0.25", "} NaN"),
+        CURRENT.replace("} 0.25", "} 1.5"),  # out of range
+        CURRENT.replace('num_gpu_blocks="1000"', 'num_gpu_blocks="lots"'),
+        'vllm:cache_config_info{block_size="16,num_gpu_blocks="1"} 1\n',
+    ],
+)
+def test_unusable_text_raises_metrics_error(text):
+    with pytest.raises(MetricsError):
+        parse_metrics(text, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from('vlm:_kvcache{}="\\, \n0123.eE+-#abcdefgnpurst'), max_size=400))
+def test_garbage_never_raises_anything_else(text):
+    try:
+        parse_metrics(text, 0.0)
+    except MetricsError:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, len(CURRENT)), st.text(max_size=20))
+def test_corrupted_fixture_never_raises_anything_else(cut, junk):
+    try:
+        parse_metrics(CURRENT[:cut] + junk + CURRENT[cut:], 0.0)
+    except MetricsError:
+        pass
+
+
+def test_rates_between_samples():
+    state = EngineState("http://e")
+    state.record(parse_metrics(CURRENT, 0.0))
+    later = CURRENT.replace(
+        'preemptions_total{engine="0",model_name="llama-3.1-8b"} 3.0',
+        'preemptions_total{engine="0",model_name="llama-3.1-8b"} 7.0',
+    )
+    later = later.replace(
+        'queries_total{engine="0",model_name="llama-3.1-8b"} 1000.0',
+        'queries_total{engine="0",model_name="llama-3.1-8b"} 2000.0',
+    )
+    state.record(parse_metrics(later, 2.0))
+    preempt, hit = state.rates()
+    assert preempt == pytest.approx(2.0)
+    assert hit == pytest.approx(0.0)
+    state.fail("boom")
+    assert not state.healthy and state.sample is not None
