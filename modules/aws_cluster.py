@@ -1,0 +1,427 @@
+"""The AWS GPU cluster: VPC with private subnets and one NAT per zone, EKS, a system node group and
+GPU node groups that scale to zero.
+
+Choices, and why:
+- GPU nodes run the Bottlerocket NVIDIA AMI (`BOTTLEROCKET_x86_64_NVIDIA`). It ships the NVIDIA driver
+  AND the NVIDIA Kubernetes device plugin, so `nvidia.com/gpu` appears on the node without a
+  kubernetes/helm provider in this stack. The AL2023 NVIDIA AMI has the driver only and needs the
+  device plugin installed through the cluster's API, i.e. credentials of a cluster that does not
+  exist yet at plan time (AWS EKS user guide, "Install Kubernetes device plugin for GPUs").
+- The API endpoint: public access only from the public CIDRs of `api_allowed_cidrs` (EKS rejects
+  private ranges there); private CIDRs reach the private endpoint through a security group rule.
+  With no public CIDR the endpoint is private only. Never 0.0.0.0/0.
+- Secrets are envelope-encrypted with a customer-managed KMS key that rotates.
+- Node roles get only the three managed policies a node needs (worker, CNI, ECR pull-only).
+- Scale from zero: the cluster autoscaler cannot see the labels, taint and GPUs of a node group
+  with no nodes, so the group's Auto Scaling group carries `k8s.io/cluster-autoscaler/node-template/*`
+  tags (EKS does not copy node group tags to the ASG; aws_autoscaling_group_tag does).
+- Capacity blocks (tier reserved): a launch template with market type `capacity-block` and the
+  reservation id, node group capacity type `CAPACITY_BLOCK`, ONE subnet (the block's zone: the
+  first zone of the region).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from cdktn import Fn, TerraformResourceLifecycle
+from cdktn_provider_aws import (
+    autoscaling_group_tag,
+    data_aws_availability_zones,
+    data_aws_caller_identity,
+    data_aws_partition,
+    default_security_group,
+    eip,
+    eks_cluster,
+    eks_node_group,
+    iam_role,
+    iam_role_policy_attachment,
+    internet_gateway,
+    kms_alias,
+    kms_key,
+    launch_template,
+    nat_gateway,
+    route,
+    route_table,
+    route_table_association,
+    security_group,
+    subnet,
+    vpc,
+    vpc_security_group_egress_rule,
+    vpc_security_group_ingress_rule,
+)
+from cdktn_provider_aws.provider import AwsProvider, AwsProviderDefaultTags
+from constructs import Construct
+from gpufleet.modules.cluster import (
+    GPU_RESOURCE,
+    GPU_TAINT_KEY,
+    GPU_TAINT_VALUE,
+    ClusterOutputs,
+    ClusterProps,
+    GpuPoolProps,
+)
+
+GPU_AMI_TYPE = "BOTTLEROCKET_x86_64_NVIDIA"
+SYSTEM_AMI_TYPE = "BOTTLEROCKET_x86_64"
+SYSTEM_INSTANCE_TYPE = "m7i.large"
+NODE_POLICIES = ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryPullOnly")
+CAPACITY_TYPE = {"on-demand": "ON_DEMAND", "spot": "SPOT", "reserved": "CAPACITY_BLOCK"}
+LOG_TYPES = ["api", "audit", "authenticator", "controllerManager", "scheduler"]
+
+
+def add_provider(scope: Construct, props: ClusterProps) -> AwsProvider:
+    """The stack's AWS provider: its region, and the fleet's tags on every taggable resource."""
+    return AwsProvider(
+        scope, "aws", region=props.region, default_tags=[AwsProviderDefaultTags(tags=dict(props.tags))]
+    )
+
+
+def _assume(service: str) -> str:
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"Service": service}, "Action": "sts:AssumeRole"}],
+        }
+    )
+
+
+# What EKS refuses in public_access_cidrs: RFC 1918 and carrier-grade NAT space. (ipaddress's
+# is_private also counts documentation ranges such as 203.0.113.0/24, which EKS accepts.)
+_INTERNAL = [
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+]
+
+
+def _split_cidrs(cidrs: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(public, internal): public CIDRs reach the public endpoint, internal ones the private one."""
+    public, internal = [], []
+    for c in cidrs:
+        net = ipaddress.ip_network(c, strict=False)
+        is_internal = net.version == 4 and any(net.subnet_of(n) for n in _INTERNAL)
+        (internal if is_internal else public).append(c)
+    return public, internal
+
+
+class AwsGpuCluster(Construct):
+    """EKS with a system node group and GPU node groups; `outputs` says how to reach it."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, props: ClusterProps) -> None:
+        super().__init__(scope, construct_id)
+        self.props = props
+        partition = data_aws_partition.DataAwsPartition(self, "partition")
+        account = data_aws_caller_identity.DataAwsCallerIdentity(self, "account")
+        self._arn_prefix = f"arn:{partition.partition}:iam::aws:policy"
+        zones = self._zones()
+        private_subnets = self._network(zones)
+        self.cluster = self._cluster(private_subnets, account.account_id, partition.partition)
+        node_role = self._node_role()
+        system = self._system_pool(node_role, private_subnets)
+        gpu_names = [self._gpu_pool(p, node_role, private_subnets) for p in props.gpu_pools]
+        self.outputs = ClusterOutputs(
+            cloud="aws",
+            cluster_name=self.cluster.name,
+            endpoint=self.cluster.endpoint,
+            cluster_ca_certificate=self.cluster.certificate_authority.get(0).data,
+            system_pool_name=system,
+            gpu_pool_names=tuple(gpu_names),
+            region=props.region,
+        )
+
+    # -- network ------------------------------------------------------------------------------
+    def _zones(self) -> list[str]:
+        if len(self.props.zones) >= 2:
+            return list(self.props.zones)
+        if self.props.zones:
+            raise ValueError(
+                f"cluster {self.props.name}: EKS needs subnets in at least two zones; "
+                f"list two or more zones of {self.props.region}, or none to use the first two available"
+            )
+        azs = data_aws_availability_zones.DataAwsAvailabilityZones(self, "zones", state="available")
+        return [Fn.element(azs.names, i) for i in range(2)]
+
+    def _network(self, zones: list[str]) -> list[str]:
+        p = self.props
+        net = ipaddress.ip_network(p.network_cidr)
+        # Private /19s for nodes and pods (VPC CNI gives pods VPC addresses), /24s for NAT at the end.
+        private_blocks = list(net.subnets(new_prefix=19))
+        public_blocks = list(private_blocks[-1].subnets(new_prefix=24))
+        if len(zones) > len(private_blocks) - 1:
+            raise ValueError(f"cluster {p.name}: at most {len(private_blocks) - 1} zones")
+        self.vpc = vpc.Vpc(
+            self,
+            "vpc",
+            cidr_block=p.network_cidr,
+            enable_dns_hostnames=True,
+            enable_dns_support=True,
+            tags={"Name": p.name},
+        )
+        # The default security group allows all traffic between its members; take every rule away.
+        default_security_group.DefaultSecurityGroup(
+            self, "default-sg", vpc_id=self.vpc.id, ingress=[], egress=[]
+        )
+        igw = internet_gateway.InternetGateway(self, "igw", vpc_id=self.vpc.id, tags={"Name": p.name})
+        public_rt = route_table.RouteTable(
+            self, "public-rt", vpc_id=self.vpc.id, tags={"Name": f"{p.name}-public"}
+        )
+        route.Route(
+            self,
+            "public-default",
+            route_table_id=public_rt.id,
+            destination_cidr_block="0.0.0.0/0",
+            gateway_id=igw.id,
+        )
+        cluster_tag = {f"kubernetes.io/cluster/{p.name}": "shared"}
+        private_ids = []
+        for i, zone in enumerate(zones):
+            pub = subnet.Subnet(
+                self,
+                f"public-{i}",
+                vpc_id=self.vpc.id,
+                availability_zone=zone,
+                cidr_block=str(public_blocks[i]),
+                map_public_ip_on_launch=False,
+                tags={"Name": f"{p.name}-public-{i}", "kubernetes.io/role/elb": "1", **cluster_tag},
+            )
+            route_table_association.RouteTableAssociation(
+                self, f"public-{i}-rt", subnet_id=pub.id, route_table_id=public_rt.id
+            )
+            ip = eip.Eip(self, f"nat-ip-{i}", domain="vpc", tags={"Name": f"{p.name}-nat-{i}"})
+            nat = nat_gateway.NatGateway(
+                self, f"nat-{i}", allocation_id=ip.id, subnet_id=pub.id, tags={"Name": f"{p.name}-nat-{i}"}
+            )
+            priv = subnet.Subnet(
+                self,
+                f"private-{i}",
+                vpc_id=self.vpc.id,
+                availability_zone=zone,
+                cidr_block=str(private_blocks[i]),
+                tags={"Name": f"{p.name}-private-{i}", "kubernetes.io/role/internal-elb": "1", **cluster_tag},
+            )
+            rt = route_table.RouteTable(
+                self, f"private-{i}-rt", vpc_id=self.vpc.id, tags={"Name": f"{p.name}-private-{i}"}
+            )
+            route.Route(
+                self,
+                f"private-{i}-default",
+                route_table_id=rt.id,
+                destination_cidr_block="0.0.0.0/0",
+                nat_gateway_id=nat.id,
+            )
+            route_table_association.RouteTableAssociation(
+                self, f"private-{i}-rt-assoc", subnet_id=priv.id, route_table_id=rt.id
+            )
+            private_ids.append(priv.id)
+        return private_ids
+
+    # -- control plane ------------------------------------------------------------------------
+    def _cluster(self, subnet_ids: list[str], account_id: str, partition: str) -> eks_cluster.EksCluster:
+        p = self.props
+        key = kms_key.KmsKey(
+            self,
+            "secrets-key",
+            description=f"EKS secrets encryption for {p.name}",
+            enable_key_rotation=True,
+            deletion_window_in_days=30,
+            policy=Fn.jsonencode(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Sid": "AccountAdministers",
+                            "Effect": "Allow",
+                            "Principal": {"AWS": f"arn:{partition}:iam::{account_id}:root"},
+                            "Action": "kms:*",
+                            "Resource": "*",
+                        }
+                    ],
+                }
+            ),
+        )
+        kms_alias.KmsAlias(
+            self, "secrets-key-alias", name=f"alias/{p.name}-eks-secrets", target_key_id=key.key_id
+        )
+        role = iam_role.IamRole(
+            self, "cluster-role", name=f"{p.name}-cluster", assume_role_policy=_assume("eks.amazonaws.com")
+        )
+        iam_role_policy_attachment.IamRolePolicyAttachment(
+            self, "cluster-policy", role=role.name, policy_arn=f"{self._arn_prefix}/AmazonEKSClusterPolicy"
+        )
+        public, private = _split_cidrs(p.api_allowed_cidrs)
+        api_sg = security_group.SecurityGroup(
+            self,
+            "api-sg",
+            name=f"{p.name}-api",
+            vpc_id=self.vpc.id,
+            description="Kubernetes API from the fleet's private api_allowed_cidrs",
+        )
+        for i, cidr in enumerate(private):
+            vpc_security_group_ingress_rule.VpcSecurityGroupIngressRule(
+                self,
+                f"api-in-{i}",
+                security_group_id=api_sg.id,
+                ip_protocol="tcp",
+                from_port=443,
+                to_port=443,
+                cidr_ipv4=cidr,
+                description=f"Kubernetes API from {cidr}",
+            )
+        vpc_security_group_egress_rule.VpcSecurityGroupEgressRule(
+            self,
+            "api-out",
+            security_group_id=api_sg.id,
+            ip_protocol="tcp",
+            from_port=443,
+            to_port=443,
+            cidr_ipv4=p.network_cidr,
+            description="control plane to nodes inside the VPC",
+        )
+        return eks_cluster.EksCluster(
+            self,
+            "cluster",
+            name=p.name,
+            version=p.kubernetes_version,
+            role_arn=role.arn,
+            vpc_config=eks_cluster.EksClusterVpcConfig(
+                subnet_ids=subnet_ids,
+                security_group_ids=[api_sg.id],
+                endpoint_private_access=True,
+                endpoint_public_access=bool(public),
+                public_access_cidrs=public or None,
+            ),
+            encryption_config=eks_cluster.EksClusterEncryptionConfig(
+                resources=["secrets"],
+                provider=eks_cluster.EksClusterEncryptionConfigProvider(key_arn=key.arn),
+            ),
+            enabled_cluster_log_types=LOG_TYPES,
+            access_config=eks_cluster.EksClusterAccessConfig(
+                authentication_mode="API", bootstrap_cluster_creator_admin_permissions=True
+            ),
+            depends_on=[role],
+        )
+
+    # -- nodes --------------------------------------------------------------------------------
+    def _node_role(self) -> iam_role.IamRole:
+        role = iam_role.IamRole(
+            self, "node-role", name=f"{self.props.name}-node", assume_role_policy=_assume("ec2.amazonaws.com")
+        )
+        for policy in NODE_POLICIES:
+            iam_role_policy_attachment.IamRolePolicyAttachment(
+                self, f"node-{policy}", role=role.name, policy_arn=f"{self._arn_prefix}/{policy}"
+            )
+        return role
+
+    def _launch_template(
+        self, name: str, disk_gib: int, instance_type: str | None = None, reservation_id: str | None = None
+    ) -> launch_template.LaunchTemplate:
+        """IMDSv2 only (hop limit 1: pods cannot borrow the node's role), encrypted gp3 volumes.
+
+        Bottlerocket has an OS volume (xvda) and a data volume (xvdb) for images and model caches.
+        """
+        ebs = launch_template.LaunchTemplateBlockDeviceMappingsEbs
+        market = reservation = None
+        if reservation_id:
+            market = launch_template.LaunchTemplateInstanceMarketOptions(market_type="capacity-block")
+            target = launch_template.LaunchTemplateCapacityReservationSpecificationCapacityReservationTarget
+            reservation = launch_template.LaunchTemplateCapacityReservationSpecification(
+                capacity_reservation_target=target(capacity_reservation_id=reservation_id)
+            )
+        lt = launch_template.LaunchTemplate(
+            self,
+            f"{name}-lt",
+            name=f"{self.props.name}-{name}",
+            update_default_version=True,
+            metadata_options=launch_template.LaunchTemplateMetadataOptions(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1
+            ),
+            block_device_mappings=[
+                launch_template.LaunchTemplateBlockDeviceMappings(
+                    device_name="/dev/xvda", ebs=ebs(volume_size=8, volume_type="gp3", encrypted="true")
+                ),
+                launch_template.LaunchTemplateBlockDeviceMappings(
+                    device_name="/dev/xvdb",
+                    ebs=ebs(volume_size=disk_gib, volume_type="gp3", encrypted="true"),
+                ),
+            ],
+            instance_type=instance_type,
+            instance_market_options=market,
+            capacity_reservation_specification=reservation,
+        )
+        return lt
+
+    def _system_pool(self, role: iam_role.IamRole, subnet_ids: list[str]) -> str:
+        p = self.props
+        lt = self._launch_template("system", 50)
+        name = "system"
+        eks_node_group.EksNodeGroup(
+            self,
+            "system-pool",
+            cluster_name=self.cluster.name,
+            node_group_name=name,
+            node_role_arn=role.arn,
+            subnet_ids=subnet_ids,
+            ami_type=SYSTEM_AMI_TYPE,
+            capacity_type="ON_DEMAND",
+            instance_types=[p.system_instance_type or SYSTEM_INSTANCE_TYPE],
+            scaling_config=eks_node_group.EksNodeGroupScalingConfig(
+                min_size=p.system_nodes, max_size=p.system_nodes + 2, desired_size=p.system_nodes
+            ),
+            launch_template=eks_node_group.EksNodeGroupLaunchTemplate(
+                id=lt.id, version=Fn.tostring(lt.latest_version)
+            ),
+            labels={"gpufleet.io/pool": name},
+            lifecycle=TerraformResourceLifecycle(ignore_changes=["scaling_config[0].desired_size"]),
+        )
+        return name
+
+    def _gpu_pool(self, pool: GpuPoolProps, role: iam_role.IamRole, subnet_ids: list[str]) -> str:
+        block = pool.tier == "reserved"
+        lt = self._launch_template(
+            pool.name,
+            pool.disk_gib,
+            instance_type=pool.instance_type if block else None,
+            reservation_id=pool.reservation_id if block else None,
+        )
+        ng = eks_node_group.EksNodeGroup(
+            self,
+            f"{pool.name}-pool",
+            cluster_name=self.cluster.name,
+            node_group_name=pool.name,
+            node_role_arn=role.arn,
+            # A capacity block lives in one zone: the node group gets that zone's subnet only.
+            subnet_ids=subnet_ids[:1] if block else subnet_ids,
+            ami_type=GPU_AMI_TYPE,
+            capacity_type=CAPACITY_TYPE[pool.tier],
+            # With a capacity block the instance type sits in the launch template (EKS wants it there).
+            instance_types=None if block else [pool.instance_type],
+            scaling_config=eks_node_group.EksNodeGroupScalingConfig(
+                min_size=pool.min_nodes, max_size=pool.max_nodes, desired_size=pool.min_nodes
+            ),
+            labels=pool.labels,
+            taint=[
+                eks_node_group.EksNodeGroupTaint(
+                    key=GPU_TAINT_KEY, value=GPU_TAINT_VALUE, effect="NO_SCHEDULE"
+                )
+            ],
+            launch_template=eks_node_group.EksNodeGroupLaunchTemplate(
+                id=lt.id, version=Fn.tostring(lt.latest_version)
+            ),
+            update_config=eks_node_group.EksNodeGroupUpdateConfig(max_unavailable=1),
+            # The cluster autoscaler owns the desired size once the group exists.
+            lifecycle=TerraformResourceLifecycle(ignore_changes=["scaling_config[0].desired_size"]),
+        )
+        asg_name = ng.resources.get(0).autoscaling_groups.get(0).name
+        prefix = "k8s.io/cluster-autoscaler/node-template"
+        template = {f"{prefix}/label/{k}": v for k, v in pool.labels.items()}
+        template[f"{prefix}/taint/{GPU_TAINT_KEY}"] = f"{GPU_TAINT_VALUE}:NoSchedule"
+        template[f"{prefix}/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
+        for i, (key, value) in enumerate(sorted(template.items())):
+            autoscaling_group_tag.AutoscalingGroupTagA(
+                self,
+                f"{pool.name}-asg-tag-{i}",
+                autoscaling_group_name=asg_name,
+                tag=autoscaling_group_tag.AutoscalingGroupTagTag(
+                    key=key, value=value, propagate_at_launch=False
+                ),
+            )
+        return pool.name

@@ -1,0 +1,265 @@
+"""The Azure GPU cluster: a resource group, a VNet with a NAT gateway, AKS with a system pool and GPU
+user pools that scale to zero.
+
+Choices, and why:
+- GPUs: `gpu_driver = "Install"` on the GPU pool (azurerm 5.x), so AKS installs the NVIDIA driver and
+  the device plugin; no GPU Operator needed.
+- The API server is reachable only from `api_allowed_cidrs` (authorized IP ranges).
+- Identity: a user-assigned managed identity for the control plane, with Network Contributor on the
+  node subnet only; for a capacity reservation, a custom role with just the read and deploy actions
+  on that reservation group. Kubernetes RBAC goes through Entra ID (local accounts off).
+- Encryption: host encryption on every pool (temp disks and caches encrypted at the VM host; managed
+  disks are encrypted at rest by the platform). A customer-managed key (disk encryption set, KMS
+  etcd encryption) needs a Key Vault, which is left to the operator (docs/stacks.md).
+- Egress through a NAT gateway (outbound type userAssignedNATGateway), nodes have no public IPs.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cdktn import TerraformResourceLifecycle
+from cdktn_provider_azurerm import (
+    kubernetes_cluster,
+    kubernetes_cluster_node_pool,
+    nat_gateway,
+    nat_gateway_public_ip_association,
+    public_ip,
+    resource_group,
+    role_assignment,
+    role_definition,
+    subnet,
+    subnet_nat_gateway_association,
+    user_assigned_identity,
+    virtual_network,
+)
+from cdktn_provider_azurerm.provider import AzurermProvider, AzurermProviderFeatures
+from constructs import Construct
+from gpufleet.modules.cluster import GPU_TAINT_EFFECT, ClusterOutputs, ClusterProps, GpuPoolProps, short_name
+
+SYSTEM_VM_SIZE = "Standard_D4ds_v5"
+SPOT_TAINT = "kubernetes.azure.com/scalesetpriority=spot:NoSchedule"  # AKS adds it to spot pools itself
+CAPACITY_RESERVATION_ACTIONS = [
+    "Microsoft.Compute/capacityReservationGroups/read",
+    "Microsoft.Compute/capacityReservationGroups/deploy/action",
+    "Microsoft.Compute/capacityReservationGroups/capacityReservations/read",
+]
+
+
+def add_provider(scope: Construct, props: ClusterProps) -> AzurermProvider:
+    # The subscription comes from ARM_SUBSCRIPTION_ID (or the Azure CLI login), not the fleet file.
+    return AzurermProvider(scope, "azurerm", features=[AzurermProviderFeatures()])
+
+
+def aks_pool_name(name: str) -> str:
+    """AKS Linux pool names: lower-case letters and digits, starting with a letter, at most 12."""
+    cleaned = re.sub(r"[^a-z0-9]", "", name.lower())
+    return ("p" + cleaned if not cleaned[:1].isalpha() else cleaned)[:12]
+
+
+class AzureGpuCluster(Construct):
+    """AKS with a system pool and GPU pools; `outputs` says how to reach it."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, props: ClusterProps) -> None:
+        super().__init__(scope, construct_id)
+        self.props = props
+        self.tags = dict(props.tags)
+        self.rg = resource_group.ResourceGroup(
+            self, "rg", name=f"{props.name}-rg", location=props.region, tags=self.tags
+        )
+        self.identity = user_assigned_identity.UserAssignedIdentity(
+            self,
+            "identity",
+            name=f"{props.name}-control-plane",
+            location=props.region,
+            resource_group_name=self.rg.name,
+            tags=self.tags,
+        )
+        self._network()
+        self.cluster = self._cluster()
+        gpu_names = [self._gpu_pool(p) for p in props.gpu_pools]
+        self.outputs = ClusterOutputs(
+            cloud="azure",
+            cluster_name=self.cluster.name,
+            endpoint=f"https://{self.cluster.fqdn}:443",
+            cluster_ca_certificate=self.cluster.kube_config.get(0).cluster_ca_certificate,
+            system_pool_name="system",
+            gpu_pool_names=tuple(gpu_names),
+            location=props.region,
+            resource_group_name=self.rg.name,
+        )
+
+    def _network(self) -> None:
+        p = self.props
+        vnet = virtual_network.VirtualNetwork(
+            self,
+            "vnet",
+            name=p.name,
+            location=p.region,
+            resource_group_name=self.rg.name,
+            address_space=[p.network_cidr],
+            tags=self.tags,
+        )
+        self.subnet = subnet.Subnet(
+            self,
+            "nodes",
+            name="nodes",
+            resource_group_name=self.rg.name,
+            virtual_network_name=vnet.name,
+            address_prefixes=[p.network_cidr],
+            default_outbound_access_enabled=False,  # egress only through the NAT gateway
+        )
+        ip = public_ip.PublicIp(
+            self,
+            "nat-ip",
+            name=f"{p.name}-nat",
+            location=p.region,
+            resource_group_name=self.rg.name,
+            allocation_method="Static",
+            sku="Standard",
+            tags=self.tags,
+        )
+        nat = nat_gateway.NatGateway(
+            self,
+            "nat",
+            name=p.name,
+            location=p.region,
+            resource_group_name=self.rg.name,
+            sku_name="Standard",
+            idle_timeout_in_minutes=10,
+            tags=self.tags,
+        )
+        nat_gateway_public_ip_association.NatGatewayPublicIpAssociation(
+            self, "nat-ip-assoc", nat_gateway_id=nat.id, public_ip_address_id=ip.id
+        )
+        self.nat_assoc = subnet_nat_gateway_association.SubnetNatGatewayAssociation(
+            self, "nat-assoc", subnet_id=self.subnet.id, nat_gateway_id=nat.id
+        )
+        # AKS joins nodes to our subnet: its identity needs Network Contributor there, nowhere else.
+        self.subnet_grant = role_assignment.RoleAssignment(
+            self,
+            "subnet-network-contributor",
+            scope=self.subnet.id,
+            role_definition_name="Network Contributor",
+            principal_id=self.identity.principal_id,
+            principal_type="ServicePrincipal",
+        )
+
+    def _cluster(self) -> kubernetes_cluster.KubernetesCluster:
+        p = self.props
+        kc = kubernetes_cluster
+        return kc.KubernetesCluster(
+            self,
+            "cluster",
+            name=p.name,
+            location=p.region,
+            resource_group_name=self.rg.name,
+            dns_prefix=short_name(p.name, 54),
+            kubernetes_version=p.kubernetes_version,
+            sku_tier="Standard",
+            automatic_upgrade_channel="patch",
+            node_os_upgrade_channel="NodeImage",
+            identity=kc.KubernetesClusterIdentity(type="UserAssigned", identity_ids=[self.identity.id]),
+            node_provisioning_profile=kc.KubernetesClusterNodeProvisioningProfile(mode="Manual"),
+            default_node_pool=kc.KubernetesClusterDefaultNodePool(
+                name="system",
+                vm_size=p.system_instance_type or SYSTEM_VM_SIZE,
+                node_count=p.system_nodes,
+                only_critical_addons_enabled=True,  # keeps workloads off the system pool
+                vnet_subnet_id=self.subnet.id,
+                zones=list(p.zones) or None,
+                host_encryption_enabled=True,
+                max_pods=50,
+                os_disk_size_gb=64,
+                upgrade_settings=kc.KubernetesClusterDefaultNodePoolUpgradeSettings(max_surge="10%"),
+                node_labels={"gpufleet.io/pool": "system"},
+                tags=self.tags,
+            ),
+            api_server_access_profile=kc.KubernetesClusterApiServerAccessProfile(
+                authorized_ip_ranges=list(p.api_allowed_cidrs)
+            ),
+            network_profile=kc.KubernetesClusterNetworkProfile(
+                network_plugin="azure",
+                network_plugin_mode="overlay",
+                network_data_plane="cilium",
+                network_policy="cilium",
+                pod_cidr="10.244.0.0/16",
+                service_cidr="10.96.0.0/16",
+                dns_service_ip="10.96.0.10",
+                outbound_type="userAssignedNATGateway",
+                load_balancer_sku="standard",
+            ),
+            role_based_access_control_enabled=True,
+            azure_active_directory_role_based_access_control=kc.KubernetesClusterAzureActiveDirectoryRoleBasedAccessControl(
+                azure_rbac_enabled=True
+            ),
+            local_account_disabled=True,
+            oidc_issuer_enabled=True,
+            workload_identity_enabled=True,
+            azure_policy_enabled=True,
+            image_cleaner_enabled=True,
+            image_cleaner_interval_hours=48,
+            key_vault_secrets_provider=kc.KubernetesClusterKeyVaultSecretsProvider(
+                secret_rotation_enabled=True
+            ),
+            tags=self.tags,
+            depends_on=[self.nat_assoc, self.subnet_grant],
+        )
+
+    def _reservation_grant(self, pool: GpuPoolProps) -> role_assignment.RoleAssignment:
+        crg = pool.reservation_id
+        role = role_definition.RoleDefinition(
+            self,
+            f"{pool.name}-crg-role",
+            name=f"{self.props.name}-capacity-reservation-user",
+            scope=crg,
+            description="Use (read, deploy into) one capacity reservation group",
+            permissions=[role_definition.RoleDefinitionPermissions(actions=CAPACITY_RESERVATION_ACTIONS)],
+            assignable_scopes=[crg],
+        )
+        return role_assignment.RoleAssignment(
+            self,
+            f"{pool.name}-crg-grant",
+            scope=crg,
+            role_definition_id=role.role_definition_resource_id,
+            principal_id=self.identity.principal_id,
+            principal_type="ServicePrincipal",
+        )
+
+    def _gpu_pool(self, pool: GpuPoolProps) -> str:
+        p = self.props
+        name = aks_pool_name(pool.name)
+        taints = [f"nvidia.com/gpu=present:{GPU_TAINT_EFFECT}"]
+        extra: dict = {}
+        depends: list = []
+        if pool.tier == "spot":
+            taints.append(SPOT_TAINT)
+            extra = {"priority": "Spot", "eviction_policy": "Delete", "spot_max_price": -1}
+        elif pool.tier == "reserved":
+            extra = {"capacity_reservation_group_id": pool.reservation_id}
+            depends = [self._reservation_grant(pool)]
+        kubernetes_cluster_node_pool.KubernetesClusterNodePool(
+            self,
+            f"{pool.name}-pool",
+            name=name,
+            kubernetes_cluster_id=self.cluster.id,
+            mode="User",
+            vm_size=pool.instance_type,
+            gpu_driver="Install",
+            auto_scaling_enabled=True,
+            min_count=pool.min_nodes,
+            max_count=pool.max_nodes,
+            node_taints=taints,
+            node_labels=pool.labels,
+            zones=list(p.zones) or None,
+            vnet_subnet_id=self.subnet.id,
+            host_encryption_enabled=True,
+            max_pods=50,
+            os_disk_size_gb=pool.disk_gib,
+            tags=self.tags,
+            # The autoscaler owns the node count.
+            lifecycle=TerraformResourceLifecycle(ignore_changes=["node_count"]),
+            depends_on=depends or None,
+            **extra,
+        )
+        return name

@@ -1,0 +1,38 @@
+"""The cdktn app entry point: `python -m gpufleet.stacks.app` (what cdktf.json's `app` runs).
+
+Synthesizes the fleet file named by GPUFLEET_FLEET (default ./fleet.yaml) into the output folder the
+cdktn CLI chooses (CDKTF_OUTDIR), or cdktf.out/ when run by hand. A bad fleet file prints its problems
+and exits 2, like `gpufleet validate`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    from gpufleet.stacks.fleetfile import FleetFileError, load_fleet
+    from gpufleet.stacks.synth import build_app
+
+    path = Path(os.environ.get("GPUFLEET_FLEET", "fleet.yaml"))
+    try:
+        fleet = load_fleet(path)
+    except FleetFileError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    # Under `cdktn synth` the CLI passes the output folder in CDKTF_OUTDIR; the App reads it itself.
+    outdir = None if "CDKTF_OUTDIR" in os.environ else Path("cdktf.out")
+    try:
+        app, _ = build_app(fleet, outdir)
+    except ValueError as exc:  # a fleet the clouds cannot build (e.g. one AWS zone for EKS)
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return 2
+    app.synth()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Fleet spec to cdktn App: one cluster stack per (cloud, region), then the serving stacks.
+
+`build_app(fleet, outdir)` is the one place that turns a `Fleet` into stacks; `gpufleet synth`,
+`python -m gpufleet.stacks.app` (what `cdktn synth` runs through cdktf.json) and the tests all use it.
+cdktn and the providers are imported inside the functions: importing them costs 15-30 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpufleet.modules.cluster import ClusterOutputs, ClusterProps, props_for_region
+
+if TYPE_CHECKING:
+    from cdktn import App, TerraformStack
+    from gpufleet.stacks.spec import Fleet, Region
+
+DEFAULT_OUTDIR = Path("cdktf.out")
+STATE_DIR_NAME = "terraform-state"  # local backend: beside the output folder, so a re-synth keeps it
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ClusterStackHandle:
+    """One region's cluster stack, for the serving stacks to build on."""
+
+    name: str  # the stack name, <cloud>-<region>-cluster
+    stack: TerraformStack
+    region: Region
+    props: ClusterProps
+    outputs: ClusterOutputs  # cdktn tokens; cross-stack use wires remote state automatically
+
+
+@dataclass(frozen=True)
+class StackSummary:
+    name: str
+    resources: int
+    data_sources: int
+    outputs: int
+    resource_types: dict[str, int]
+
+
+def stack_name(region: Region, kind: str = "cluster") -> str:
+    return f"{region.key}-{kind}"
+
+
+def prepare_runtime() -> None:
+    """Run jsii on the project's Node 22 when it is there (Node 20 prints an end-of-life banner)."""
+    os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
+    if "JSII_NODE" in os.environ:
+        return
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        node = root / "node_modules" / ".bin" / "node"
+        if node.is_file() and os.access(node, os.X_OK):
+            os.environ["JSII_NODE"] = str(node)
+            return
+
+
+def configure_backend(stack: TerraformStack, fleet: Fleet, name: str, outdir: Path | None) -> None:
+    """Each stack keeps its own state: a local file by default, else the fleet's bucket/container."""
+    from cdktn import AzurermBackend, GcsBackend, LocalBackend, S3Backend
+
+    state = fleet.settings.state
+    key = f"{state.prefix}/{fleet.fleet}/{name}"
+    if state.backend == "s3":
+        S3Backend(
+            stack,
+            bucket=state.bucket,
+            key=f"{key}.tfstate",
+            region=state.region,
+            encrypt=True,
+            use_lockfile=True,
+        )
+    elif state.backend == "gcs":
+        GcsBackend(stack, bucket=state.bucket, prefix=key)
+    elif state.backend == "azurerm":
+        AzurermBackend(
+            stack,
+            storage_account_name=state.storage_account,
+            container_name=state.container,
+            resource_group_name=state.resource_group,
+            key=f"{key}.tfstate",
+            use_azuread_auth=True,
+        )
+    else:
+        # Relative to the stack's folder (where terraform runs), so the JSON has no absolute paths.
+        out = Path(outdir or DEFAULT_OUTDIR)
+        path = Path(os.path.relpath(out.parent / STATE_DIR_NAME / f"{name}.tfstate", out / "stacks" / name))
+        LocalBackend(stack, path=path.as_posix())
+
+
+def _cluster_stack(app: App, fleet: Fleet, region: Region, outdir: Path | None) -> ClusterStackHandle:
+    from cdktn import TerraformStack, TerraformVariable
+    from gpufleet.modules.cluster import add_provider, build_cluster, emit_outputs
+
+    name = stack_name(region)
+    stack = TerraformStack(app, name)
+    props = props_for_region(fleet, region)
+    if props.cloud == "gcp":
+        # The project is the operator's, not the fleet's: TF_VAR_gcp_project or -var at plan time.
+        project = TerraformVariable(
+            stack, "gcp_project", type="string", description="GCP project that holds this cluster"
+        )
+        props = replace(props, project=project.string_value)
+    add_provider(stack, props)
+    configure_backend(stack, fleet, name, outdir)
+    cluster = build_cluster(stack, "cluster", props)
+    emit_outputs(stack, cluster.outputs)
+    return ClusterStackHandle(name=name, stack=stack, region=region, props=props, outputs=cluster.outputs)
+
+
+def _add_serving(app: App, fleet: Fleet, clusters: dict[str, ClusterStackHandle]) -> None:
+    try:
+        from gpufleet.stacks.serving_stacks import add_serving_stacks
+    except ImportError as exc:
+        if exc.name == "gpufleet.stacks.serving_stacks":
+            return  # not built yet: cluster stacks only
+        raise
+    add_serving_stacks(app, fleet, clusters)
+
+
+def build_app(
+    fleet: Fleet, outdir: str | Path | None = None, *, progress: Progress | None = None
+) -> tuple[App, dict[str, ClusterStackHandle]]:
+    """The cdktn App for the fleet, and its cluster stacks by region key.
+
+    `outdir` None lets the App take it from the environment (what `cdktn synth` sets).
+    """
+    prepare_runtime()
+    say = progress or (lambda _msg: None)
+    say("loading cdktn and the cloud providers")
+    from cdktn import App
+
+    out = Path(outdir) if outdir is not None else None
+    # stack_traces off: keeps the JSON free of source paths, so it is stable (the golden test).
+    app = App(outdir=str(out), stack_traces=False) if out is not None else App(stack_traces=False)
+    clusters: dict[str, ClusterStackHandle] = {}
+    for region in fleet.regions:
+        say(f"building {stack_name(region)} ({region.gpu} on {region.cloud.value} {region.region})")
+        clusters[region.key] = _cluster_stack(app, fleet, region, out)
+    _add_serving(app, fleet, clusters)
+    return app, clusters
+
+
+def synth_fleet(
+    fleet: Fleet, outdir: str | Path = DEFAULT_OUTDIR, *, progress: Progress | None = None
+) -> list[StackSummary]:
+    """Synthesize the fleet into `outdir` (stale stacks removed) and summarize what was written."""
+    out = Path(outdir)
+    stacks_dir = out / "stacks"
+    if stacks_dir.is_dir():
+        shutil.rmtree(stacks_dir)  # a region removed from the fleet must not leave its stack behind
+    app, _ = build_app(fleet, out, progress=progress)
+    (progress or (lambda _m: None))(f"writing Terraform JSON to {out}/")
+    app.synth()
+    return summarize(out)
+
+
+def summarize(outdir: str | Path) -> list[StackSummary]:
+    """Stacks and their resource counts, read back from the synthesized files."""
+    out = Path(outdir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = []
+    for name, entry in sorted(manifest["stacks"].items()):
+        doc = json.loads((out / entry["synthesizedStackPath"]).read_text())
+        rows.append(_summary(name, doc))
+    return rows
+
+
+def _summary(name: str, doc: dict[str, Any]) -> StackSummary:
+    types = {t: len(v) for t, v in sorted(doc.get("resource", {}).items())}
+    return StackSummary(
+        name=name,
+        resources=sum(types.values()),
+        data_sources=sum(len(v) for v in doc.get("data", {}).values()),
+        outputs=len(doc.get("output", {})),
+        resource_types=types,
+    )
