@@ -119,6 +119,72 @@ def synthetic(
     return items
 
 
+@dataclass(frozen=True)
+class TraceRow:
+    arrival_s: float  # seconds from the trace's first request
+    input_tokens: int
+    output_tokens: int
+    hash_ids: tuple[int, ...] = ()
+
+
+def read_trace(path: Path) -> list[TraceRow]:
+    """Rows of an Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens) or a
+    Mooncake trace (JSONL, gzip'd or not: timestamp in ms, input_length, output_length, hash_ids),
+    sorted by arrival. Raises WorkloadError naming the file and line of the first bad row."""
+    import csv
+    import gzip
+    import io
+    import json
+    from datetime import datetime
+
+    path = Path(path)
+    if not path.is_file():
+        raise WorkloadError(f"trace {path} does not exist or is not a file")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+        raise WorkloadError(f"cannot read trace {path}: {exc}") from None
+    rows: list[TraceRow] = []
+    first = text.lstrip()[:1]
+    n = 0  # the line being read, for error messages
+    try:
+        if first == "{":
+            for n, line in enumerate(text.splitlines(), 1):  # noqa: B007 - n names the line in errors
+                if not line.strip():
+                    continue
+                d = json.loads(line)
+                rows.append(TraceRow(float(d["timestamp"]) / 1000.0, int(d["input_length"]),
+                                     int(d["output_length"]), tuple(int(h) for h in d.get("hash_ids", ()))))
+        else:
+            reader = csv.DictReader(io.StringIO(text))
+            need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
+            if not reader.fieldnames or not need <= set(reader.fieldnames):
+                raise WorkloadError(
+                    f"trace {path}: not an Azure trace CSV (columns {', '.join(sorted(need))}) "
+                    "nor Mooncake JSONL (one JSON object a line)"
+                )
+            t0 = None
+            for n, r in enumerate(reader, 2):  # noqa: B007
+                # Timestamps carry 7 fractional digits; datetime takes 6.
+                stamp = r["TIMESTAMP"].strip()
+                head, dot, frac = stamp.partition(".")
+                ts = datetime.fromisoformat(head + (dot + frac[:6] if dot else "")).timestamp()
+                t0 = ts if t0 is None else t0
+                rows.append(TraceRow(ts - t0, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+    except WorkloadError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WorkloadError(f"trace {path}, line {n}: {type(exc).__name__}: {exc}") from None
+    if not rows:
+        raise WorkloadError(f"trace {path} has no requests")
+    rows.sort(key=lambda r: r.arrival_s)
+    base = rows[0].arrival_s
+    return [replace(r, arrival_s=r.arrival_s - base) for r in rows]
+
+
 def from_trace(
     path: Path,
     load_scale: float = 1.0,
@@ -126,19 +192,14 @@ def from_trace(
     duration_s: float | None = None,
     limit: int | None = None,
 ) -> list[WorkItem]:
-    """Replay a trace file (Azure CSV or Mooncake JSONL, gzip'd or not) as a workload.
+    """Replay a trace file as a workload.
 
     `load_scale` compresses the arrival times (2.0 = twice the rate); `start_s`/`duration_s` cut a
-    slice of the trace's own timeline, which is then shifted to start at 0.
+    slice of the trace's own timeline (before scaling), which is then shifted to start at 0.
     """
-    from gpufleet.serving import traces
-
     if load_scale <= 0:
         raise WorkloadError("load scale must be positive")
-    try:
-        rows = traces.read_trace(Path(path))
-    except (OSError, ValueError) as exc:
-        raise WorkloadError(f"cannot read trace {path}: {exc}") from None
+    rows = read_trace(Path(path))
     items: list[WorkItem] = []
     end = None if duration_s is None else start_s + duration_s
     for row in rows:
@@ -152,7 +213,7 @@ def from_trace(
                 at_s=(row.arrival_s - start_s) / load_scale,
                 prompt_tokens=max(1, row.input_tokens),
                 max_tokens=max(1, row.output_tokens),
-                hash_ids=tuple(row.hash_ids or ()),
+                hash_ids=row.hash_ids,
             )
         )
         if limit is not None and len(items) >= limit:
@@ -190,11 +251,27 @@ def clip(items: Sequence[WorkItem], max_model_len: int) -> list[WorkItem]:
 # Over real HTTP
 
 
-def _prompt_text(item: WorkItem) -> str:
-    """Prompt text of about `prompt_tokens` tokens; Mooncake prefix blocks become shared text."""
-    from gpufleet.serving import traces
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
-    return traces.synthesize_prompt(item.prompt_tokens, item.hash_ids, salt=item.id)
+
+def _words(seed: int, n: int) -> list[str]:
+    """n pseudo-random 3-letter words; " xyz" is exactly one token of the emulator's tokenizer
+    (whitespace plus up to 4 characters per piece) and about one token of a real BPE."""
+    rng = random.Random(seed)
+    return [" " + "".join(rng.choices(_LETTERS, k=3)) for _ in range(n)]
+
+
+def prompt_text(item: WorkItem) -> str:
+    """Prompt text of `prompt_tokens` tokens. Mooncake prefix blocks become 512 words fixed by the
+    block id, so requests that share hash_ids share a text (and token) prefix and hit the prefix
+    cache; the rest is unique to the request."""
+    out: list[str] = []
+    for h in item.hash_ids:
+        if len(out) + 512 > item.prompt_tokens:
+            break
+        out += _words(0x5EED0000 + h, 512)
+    out += _words(item.id * 7919 + 17, item.prompt_tokens - len(out))
+    return "".join(out)
 
 
 async def run_http(
@@ -235,7 +312,7 @@ async def run_http(
         )  # fmt: skip
         body = {
             "model": model,
-            "prompt": _prompt_text(item),
+            "prompt": prompt_text(item),
             "max_tokens": item.max_tokens,
             "ignore_eos": True,
             "stream": True,

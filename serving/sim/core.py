@@ -1,0 +1,778 @@
+"""The fleet simulator: the engine model and the router's own policy objects, in virtual time.
+
+What runs, per region of the fleet file:
+  * engines: `gpufleet.serving.engine.model.Engine`, the scheduler the HTTP emulator runs, one per
+    GPU group (nodes.max x GPUs per node / tensor_parallel_size), sized from the catalog;
+  * a router: ONE policy object from `gpufleet.serving.router.policy` (the class the gateway uses),
+    fed `EngineView`s built from engine stats sampled every `scrape_interval_s` (stale after
+    `stale_after_s`), with the router's optimistic accounting (`OptimisticLedger`) and outstanding
+    counts, and peer regions as `RegionView` summaries published at the same interval;
+  * the gateway's request path: residency of the arrival region, candidates in order within the
+    retry budget, one hop to a peer region (the peer does not queue, a full peer answers 429 and
+    the origin moves on), a bounded queue of `queue_wait_s`, then 429; a stream broken after the
+    first token is continued on another engine from the prompt plus what was sent.
+Network: clients reach the router of their region in 5 ms; router to engine 0.5 ms; between
+regions the great-circle latency of `network.py`. A region failure (`--fail REGION@T[+D]`) kills the
+region's engines (their router stays up), as the demo does; they come back empty after D.
+
+Time is virtual: a heap of events, no sockets, no sleeps. Decode steps between two events are
+simulated as one window (Engine.schedule(max_steps=...)), cut short when a request arrives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gpufleet.serving.engine.model import Engine, EngineConfig, Request, resolve
+from gpufleet.serving.loadgen import WorkItem
+from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary, summarize
+from gpufleet.serving.router.policy import (
+    EngineView,
+    OptimisticLedger,
+    PolicyConfig,
+    RegionView,
+    RoutedRequest,
+    make_policy,
+)
+from gpufleet.serving.sim import network
+
+MAX_WINDOW_STEPS = 100_000
+MOONCAKE_BLOCK_TOKENS = 512  # a Mooncake hash_id names 512 prompt tokens
+
+
+class SimError(ValueError):
+    """A simulation that cannot run as asked (unknown region, nothing to simulate, ...)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    region: str
+    at_s: float
+    until_s: float | None = None  # None: down to the end
+
+    @classmethod
+    def parse(cls, text: str) -> Failure:
+        """REGION@T or REGION@T+DURATION, in model seconds from the start of the run."""
+        region, sep, when = text.partition("@")
+        if not sep or not region:
+            raise SimError(f"--fail {text!r}: expected REGION@SECONDS or REGION@SECONDS+DURATION")
+        at, plus, dur = when.partition("+")
+        try:
+            start = float(at)
+            duration = float(dur) if plus else None
+        except ValueError:
+            raise SimError(f"--fail {text!r}: {when!r} is not SECONDS or SECONDS+DURATION") from None
+        if start < 0 or (duration is not None and duration <= 0) or math.isnan(start):
+            raise SimError(f"--fail {text!r}: times must be positive")
+        return cls(region, start, None if duration is None else start + duration)
+
+    def __str__(self) -> str:
+        tail = "" if self.until_s is None else f"+{self.until_s - self.at_s:g}"
+        return f"{self.region}@{self.at_s:g}{tail}"
+
+
+@dataclass
+class SimConfig:
+    policy: str = "headroom"
+    failures: Sequence[Failure] = ()
+    engines_per_region: int | None = None  # None: every GPU group of nodes.max
+    clients: str = "uniform"  # how arrivals spread over regions: uniform | capacity
+    kv_sample_s: float | None = None  # KV-usage series step; None: duration / 120
+    seed: int = 0
+    num_gpu_blocks: int | None = None  # override the catalog sizing (small test engines)
+
+
+# ---- per-request state -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    item: WorkItem
+    rec: RequestRecord
+    router: str  # region key of the router the client reached
+    need: int
+    hashes: list[int] | None
+    attempts: int = 0
+    excluded: set[str] = field(default_factory=set)
+    first_token_at: float | None = None  # absolute model time the client got the first token
+    return_s: float = 0.0  # engine -> client latency of the current placement
+    sent_tokens: int = 0  # output tokens the client has (for a continuation)
+    queued_until: float | None = None
+    done: bool = False
+
+
+class _CountingEngine(Engine):
+    """The engine model, counting the tokens each preemption throws away (recomputed later)."""
+
+    recomputed_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        self.recomputed_tokens += req.num_computed_tokens
+        super()._preempt(req)
+
+
+class _SimEngine:
+    __slots__ = ("id", "region", "engine", "alive", "plan", "plan_end", "epoch", "stats", "sampled_at",
+                 "dirty")  # fmt: skip
+
+    def __init__(self, eid: str, region: str, engine: Engine) -> None:
+        self.id = eid
+        self.region = region
+        self.engine = engine
+        self.alive = True
+        self.plan = None
+        self.plan_end = 0.0
+        self.epoch = 0
+        self.stats = None
+        self.sampled_at: float | None = None
+        self.dirty = True
+
+
+class _Router:
+    def __init__(
+        self, key: str, region: RegionView, cloud_region: str, engines: list[_SimEngine], policy, cfg
+    ):
+        self.key = key
+        self.region = region
+        self.cloud_region = cloud_region
+        self.engines = engines
+        self.by_id = {e.id: e for e in engines}
+        self.policy = make_policy(policy, cfg)
+        self.ledger = OptimisticLedger()
+        self.outstanding: dict[str, int] = {}
+        self.down: set[str] = set()  # engines this router saw fail since their last good scrape
+        self.routed_since: set[str] = set()
+        self.queue: deque[_Job] = deque()
+        self.summary: dict | None = None
+        self.summary_at: float | None = None
+        self.routed = 0
+        self.spills = 0
+
+
+# ---- the simulator ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    summary: Summary
+    duration_s: float
+    wall_s: float
+    engines: int
+    regions: int
+    preemptions: int
+    recomputed_tokens: int
+    prefix_hit_rate: float | None
+    cost_usd: float | None
+    cost_per_million_tokens: float | None
+    cost_notes: list[str]
+    utilisation: dict[str, float]  # region -> busy fraction of its engines
+    routed: dict[str, int]  # region -> requests its router placed locally
+    spills: dict[str, int]  # region -> requests its router forwarded to a peer
+    kv_series: dict[str, list[tuple[float, float]]]
+    events: list[tuple[float, str]]
+    failed_during_failure: int
+
+    @property
+    def speed(self) -> float:
+        """Simulated seconds per wall second."""
+        return self.duration_s / self.wall_s if self.wall_s > 0 else math.inf
+
+    def extra(self) -> dict:
+        return {
+            "engines": self.engines,
+            "preemptions": self.preemptions,
+            "recomputed_tokens": self.recomputed_tokens,
+            "prefix_hit_rate": self.prefix_hit_rate,
+            "cost_per_million_tokens_usd": self.cost_per_million_tokens,
+            "sim_speed_x": round(self.speed, 1),
+            "utilisation": {k: round(v, 3) for k, v in self.utilisation.items()},
+        }
+
+
+class Simulator:
+    def __init__(self, fleet, config: SimConfig | None = None) -> None:
+        self.fleet = fleet
+        self.cfg = config or SimConfig()
+        s = fleet.router
+        self.scrape_s = s.scrape_interval_s
+        self.stale_s = s.stale_after_s
+        self.queue_wait_s = s.queue_wait_s
+        self.queue_max = s.queue_max
+        self.retry_budget = s.retry_budget
+        self.ttft_slo = fleet.slo.ttft_ms / 1000.0
+        self.tpot_slo = fleet.slo.tpot_ms / 1000.0
+        self.policy_cfg = PolicyConfig(stale_after_s=s.stale_after_s, peer_stale_after_s=2 * s.stale_after_s)
+        keys = {r.key for r in fleet.regions}
+        for f in self.cfg.failures:
+            if f.region not in keys:
+                raise SimError(
+                    f"--fail names region {f.region!r}; the fleet's regions are {', '.join(sorted(keys))}"
+                )
+        self._build()
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        from gpufleet.stacks import catalog
+
+        fleet = self.fleet
+        self.routers: dict[str, _Router] = {}
+        self.engines: list[_SimEngine] = []
+        self.region_cost: dict[str, float | None] = {}
+        self.cost_notes: list[str] = []
+        self.capacity: dict[str, int] = {}
+        for r in fleet.regions:
+            model = fleet.model_for(r)
+            tp = model.tensor_parallel_size
+            n = fleet.gpus_at_max(r) // tp
+            if self.cfg.engines_per_region is not None:
+                n = min(n, self.cfg.engines_per_region) if n else self.cfg.engines_per_region
+            n = max(1, n)
+            resolved = resolve(
+                EngineConfig(
+                    model=model.catalog or model.name,
+                    gpu=r.gpu,
+                    tensor_parallel_size=tp,
+                    max_model_len=model.max_model_len,
+                    kv_cache_dtype=model.kv_cache_dtype,
+                    num_gpu_blocks=self.cfg.num_gpu_blocks,
+                    served_model_name=model.name,
+                )
+            )
+            engines = [
+                _SimEngine(f"{r.key}/e{i}", r.key, self._engine(resolved, f"{r.key}/e{i}")) for i in range(n)
+            ]
+            self.engines += engines
+            self.capacity[r.key] = n * resolved.num_gpu_blocks * resolved.block_size
+            it = r.instance(tp)
+            price = catalog.price(r.cloud.value, r.region, it.name)
+            if price is None:
+                # The same instance type elsewhere in the same cloud: an estimate, and said so.
+                table = catalog.prices().get(r.cloud.value)
+                seen = [p[it.name] for p in (table.per_region.values() if table else ()) if it.name in p]
+                if seen:
+                    price = min(seen)
+                    self.cost_notes.append(
+                        f"{r.key}: no catalog price for {it.name} here; used {price} USD/h elsewhere"
+                    )
+                else:
+                    self.cost_notes.append(f"{r.key}: no catalog price for {it.name}; left out of the cost")
+            nodes = math.ceil(n * tp / it.gpus)
+            self.region_cost[r.key] = None if price is None else price * nodes
+            view = RegionView(
+                key=r.key,
+                tier=r.capacity.tier.value,
+                residency=r.residency,
+                models=frozenset({model.name}),
+                cost_per_gpu_hour=None if price is None else price / it.gpus,
+            )
+            self.routers[r.key] = _Router(r.key, view, r.region, engines, self.cfg.policy, self.policy_cfg)
+        self.cloud_region = {r.key: r.region for r in fleet.regions}
+        self.max_model_len = min(e.engine.cfg.max_model_len for e in self.engines)
+        self._by_id = {e.id: e for e in self.engines}
+
+    def _engine(self, resolved, name: str) -> Engine:
+        return _CountingEngine(resolved, name=name)
+
+    # -- event plumbing -------------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, obj, extra=None) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, obj, extra))
+
+    # event kinds, in the order they run at equal times
+    _STEP, _ARRIVE, _ENGINE_IN, _SCRAPE, _FAIL, _RESTORE, _SAMPLE, _QUEUE = range(8)
+
+    def run(self, items: Sequence[WorkItem]) -> SimResult:
+        if not items:
+            raise SimError("no requests to simulate")
+        wall0 = time.perf_counter()
+        self._heap: list = []
+        self._seq = itertools.count()
+        self.jobs: list[_Job] = []
+        self.events: list[tuple[float, str]] = []
+        items = self._clients(items)
+        duration = max(it.at_s for it in items)
+        for it in items:
+            self._push(it.at_s + network.CLIENT_MS / 1000.0, self._ARRIVE, it)
+        for f in self.cfg.failures:
+            self._push(f.at_s, self._FAIL, f.region)
+            if f.until_s is not None:
+                self._push(f.until_s, self._RESTORE, f.region)
+        self._push(0.0, self._SCRAPE, None)
+        step = self.cfg.kv_sample_s or max(self.scrape_s, duration / 120.0)
+        self._sample_step = step
+        self.kv_series: dict[str, list[tuple[float, float]]] = {k: [] for k in self.routers}
+        self._push(0.0, self._SAMPLE, None)
+        self._open_jobs = 0
+        self._arrivals_left = len(items)
+        self._lost_preemptions = 0  # counters of engines that died with their region
+        self._lost_recomputed = 0
+        self._lost_busy: dict[str, float] = {}
+        self._lost_prefix = [0, 0]
+        now = 0.0
+        heap = self._heap
+        while heap:
+            now, _, kind, obj, extra = heapq.heappop(heap)
+            if kind == self._STEP:
+                self._on_step(obj, extra, now)
+            elif kind == self._ARRIVE:
+                self._arrivals_left -= 1
+                self._on_arrive(obj, now)
+            elif kind == self._ENGINE_IN:
+                self._on_engine_in(obj, extra, now)
+            elif kind == self._SCRAPE:
+                self._on_scrape(now)
+                if self._arrivals_left or self._open_jobs:
+                    self._push(now + self.scrape_s, self._SCRAPE, None)
+            elif kind == self._SAMPLE:
+                self._on_sample(now)
+                if self._arrivals_left or self._open_jobs:
+                    self._push(now + step, self._SAMPLE, None)
+            elif kind == self._FAIL:
+                self._on_fail(obj, now)
+            elif kind == self._RESTORE:
+                self._on_restore(obj, now)
+            elif kind == self._QUEUE:
+                self._on_queue_timeout(obj, now)
+        wall = time.perf_counter() - wall0
+        return self._result(duration, now, wall)
+
+    def _clients(self, items: Sequence[WorkItem]) -> list[WorkItem]:
+        from dataclasses import replace
+
+        keys = list(self.routers)
+        if self.cfg.clients == "capacity":
+            weights = [float(self.capacity[k]) for k in keys]
+        elif self.cfg.clients == "uniform":
+            weights = [1.0] * len(keys)
+        else:
+            raise SimError(f"clients {self.cfg.clients!r}: one of uniform, capacity")
+        import random
+
+        rng = random.Random(self.cfg.seed ^ 0xC11E)
+        out = []
+        for it in items:
+            if it.client_region in self.routers:
+                out.append(it)
+            else:
+                out.append(replace(it, client_region=rng.choices(keys, weights)[0]))
+        return out
+
+    # -- requests at routers --------------------------------------------------------------------------
+
+    def _on_arrive(self, item: WorkItem, now: float) -> None:
+        prompt = item.prompt_tokens
+        out = item.max_tokens
+        if prompt + out > self.max_model_len:  # the engines would answer 400; keep the load, clip it
+            out = max(1, min(out, self.max_model_len // 8))
+            prompt = max(1, min(prompt, self.max_model_len - out))
+        rec = RequestRecord(id=item.id, arrival_s=item.at_s, prompt_tokens=prompt, max_tokens=out,
+                            client_region=item.client_region)  # fmt: skip
+        job = _Job(item=item, rec=rec, router=item.client_region, need=prompt + out, hashes=None)
+        if item.hash_ids:
+            job.hashes = _block_hashes(item.hash_ids, prompt, self.engines[0].engine.block_size)
+        self.jobs.append(job)
+        self._open_jobs += 1
+        self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
+
+    def _views(self, router: _Router, now: float) -> list[EngineView]:
+        out = []
+        pending = router.ledger.pending
+        for e in router.engines:
+            s = e.stats
+            healthy = e.sampled_at is not None and e.id not in router.down and s is not None
+            out.append(
+                EngineView(
+                    id=e.id,
+                    region=router.key,
+                    free_tokens=s.free_tokens if s else 0.0,
+                    capacity_tokens=float(s.num_gpu_blocks * s.block_size) if s else 0.0,
+                    kv_usage=s.kv_cache_usage if s else 1.0,
+                    running=s.num_running if s else 0,
+                    waiting=s.num_waiting if s else 0,
+                    sampled_at=e.sampled_at,
+                    healthy=healthy,
+                    # waiting_tokens stays None: /metrics has only the count, so the router estimates
+                    pending_tokens=pending(e.id),
+                    outstanding=router.outstanding.get(e.id, 0),
+                )
+            )
+        return out
+
+    def _region_views(self, router: _Router) -> list[RegionView]:
+        from dataclasses import replace
+
+        out = []
+        for key, other in self.routers.items():
+            if key == router.key:
+                out.append(replace(other.region, local=True))
+                continue
+            s = other.summary
+            if s is None:
+                out.append(replace(other.region, remote=True))
+                continue
+            out.append(
+                replace(
+                    other.region,
+                    remote=True,
+                    free_tokens=s["free"],
+                    largest_free_tokens=s["largest"],
+                    healthy_engines=s["healthy"],
+                    queue=len(other.queue),
+                    summarized_at=other.summary_at,
+                )
+            )
+        return out
+
+    def _route(
+        self,
+        job: _Job,
+        router: _Router,
+        now: float,
+        allow_remote: bool,
+        hop_s: float,
+        after_refusal: bool = False,
+    ) -> None:
+        """The gateway's `_serve` for one request at `router` (hop_s: latency back to the client)."""
+        residency = self.routers[job.router].region.residency  # the arrival region's, as the gateway does
+        routed = RoutedRequest(
+            need_tokens=job.need,
+            model=None,
+            residency=residency,
+            affinity_key=str(job.item.hash_ids[0]) if job.item.hash_ids else None,
+            allow_remote=allow_remote,
+            exclude=frozenset(job.excluded),
+        )
+        cands = router.policy.choose(routed, self._views(router, now), self._region_views(router), now)
+        while cands and job.attempts <= self.retry_budget:
+            cand = cands.pop(0)
+            if cand.engine is None:
+                peer = self.routers[cand.region]
+                router.spills += 1
+                lat = network.one_way_s(router.cloud_region, peer.cloud_region)
+                job.attempts += 1
+                self._push(now + lat, self._ENGINE_IN, job, ("peer", peer.key, hop_s + lat))
+                return
+            eng = router.by_id[cand.engine]
+            job.attempts += 1
+            if not eng.alive:
+                # connection refused: the router learns at once, tries the next candidate
+                router.down.add(eng.id)
+                job.excluded.add(eng.id)
+                continue
+            router.ledger.routed(eng.id, job.need, now)
+            router.routed_since.add(eng.id)
+            router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
+            router.routed += 1
+            lat = network.INTRA_REGION_MS / 1000.0
+            self._push(now + lat, self._ENGINE_IN, job, ("engine", eng.id, hop_s + lat, router.key))
+            return
+        if job.attempts > self.retry_budget:
+            self._fail(job, now, "retry budget spent")
+            return
+        if after_refusal:
+            self._reject(job, now)
+            return
+        # Nothing fits now: a forwarded request is refused at once (429, the origin moves on);
+        # one that arrived here waits in the bounded queue.
+        if not allow_remote:
+            self._push(now + hop_s, self._ENGINE_IN, job, ("refused", router.key, 0.0))
+            return
+        if job.queued_until is None:
+            if len(router.queue) >= self.queue_max or self.queue_wait_s <= 0:
+                self._reject(job, now)
+                return
+            job.queued_until = now + self.queue_wait_s
+            self._push(job.queued_until, self._QUEUE, job)
+        if job not in router.queue:
+            router.queue.append(job)
+
+    def _on_engine_in(self, job: _Job, where: tuple, now: float) -> None:
+        kind = where[0]
+        if job.done:
+            return
+        if kind == "peer":
+            _, peer_key, hop_s = where
+            self._route(job, self.routers[peer_key], now, allow_remote=False, hop_s=hop_s)
+            return
+        if kind == "refused":
+            # Back at the origin: the peer was full (429). The gateway tries its other candidates;
+            # with none left the client gets a clean "no room" answer.
+            job.excluded.add(where[1])
+            self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0, after_refusal=True)
+            return
+        _, eid, ret_s, router_key = where
+        eng = self._by_id[eid]
+        router = self.routers[router_key]
+        if not eng.alive:
+            self._release(router, eid)
+            router.down.add(eid)
+            job.excluded.add(eid)
+            self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
+            return
+        job.return_s = ret_s + network.CLIENT_MS / 1000.0
+        job.rec.region = eng.region
+        job.rec.spilled = eng.region != job.router
+        prompt = job.rec.prompt_tokens + job.sent_tokens
+        req = Request(
+            request_id=f"{job.item.id}.{next(self._seq)}",
+            prompt_len=prompt,
+            max_tokens=job.rec.max_tokens - job.sent_tokens,
+            prompt_block_hashes=job.hashes[: prompt // eng.engine.block_size] if job.hashes else None,
+            ignore_eos=True,
+            user_data=(job, router_key, eid),
+            on_first_token=self._first_token,
+            on_finish=self._finished,
+        )
+        eng.engine.add_request(req, now)
+        eng.dirty = True
+        self._kick(eng, now)
+
+    def _first_token(self, req: Request, t: float) -> None:
+        job = req.user_data[0]
+        if job.first_token_at is None:
+            job.first_token_at = t + job.return_s
+            job.rec.ttft_s = job.first_token_at - job.item.at_s
+
+    def _finished(self, req: Request, t: float) -> None:
+        job, router_key, eid = req.user_data
+        self._release(self.routers[router_key], eid)
+        if job.done:
+            return
+        job.done = True
+        self._open_jobs -= 1
+        rec = job.rec
+        end = t + job.return_s
+        rec.outcome = OK
+        rec.output_tokens = rec.max_tokens
+        rec.e2e_s = end - job.item.at_s
+        if rec.max_tokens > 1 and job.first_token_at is not None:
+            rec.tpot_s = (end - job.first_token_at) / (rec.max_tokens - 1)
+
+    def _release(self, router: _Router, eid: str) -> None:
+        n = router.outstanding.get(eid, 0) - 1
+        if n > 0:
+            router.outstanding[eid] = n
+        else:
+            router.outstanding.pop(eid, None)
+
+    def _fail(self, job: _Job, now: float, why: str) -> None:
+        if job.done:
+            return
+        job.done = True
+        self._open_jobs -= 1
+        job.rec.outcome = FAILED
+        job.rec.error = why
+
+    def _reject(self, job: _Job, now: float) -> None:
+        if job.done:
+            return
+        job.done = True
+        self._open_jobs -= 1
+        job.rec.outcome = REJECTED
+        job.rec.error = "429"
+
+    def _on_queue_timeout(self, job: _Job, now: float) -> None:
+        if job.done or job.queued_until is None or job.queued_until > now + 1e-9:
+            return
+        router = self.routers[job.router]
+        if job in router.queue:
+            router.queue.remove(job)
+            self._reject(job, now)
+
+    # -- engines --------------------------------------------------------------------------------------
+
+    def _kick(self, eng: _SimEngine, now: float) -> None:
+        """Make sure the engine has its next step scheduled; cut a decode window short so that a new
+        request joins at the next step boundary, as the real scheduler would."""
+        plan = eng.plan
+        if plan is None:
+            self._schedule(eng, now)
+            return
+        if plan.steps > 1 and eng.plan_end > now:
+            cum = 0.0
+            steps = 0
+            for d in plan.durations:
+                cum += d
+                steps += 1
+                if plan.start + cum >= now:
+                    break
+            if steps < plan.steps:
+                eng.epoch += 1
+                end = plan.start + cum
+                eng.plan_end = end
+                self._push(end, self._STEP, eng, (eng.epoch, steps))
+
+    def _schedule(self, eng: _SimEngine, now: float) -> None:
+        plan = eng.engine.schedule(now, max_steps=MAX_WINDOW_STEPS)
+        eng.plan = plan
+        if plan is None:
+            return
+        eng.epoch += 1
+        eng.plan_end = now + plan.duration
+        self._push(eng.plan_end, self._STEP, eng, (eng.epoch, None))
+
+    def _on_step(self, eng: _SimEngine, extra, now: float) -> None:
+        epoch, steps = extra
+        if epoch != eng.epoch or not eng.alive or eng.plan is None:
+            return
+        plan = eng.plan
+        eng.plan = None
+        eng.engine.commit(plan, now, steps)
+        eng.dirty = True
+        self._schedule(eng, now)
+
+    # -- scrapes, samples, failures -------------------------------------------------------------------
+
+    def _on_scrape(self, now: float) -> None:
+        for router in self.routers.values():
+            free = largest = 0.0
+            healthy = 0
+            for e in router.engines:
+                if not e.alive:
+                    e.stats = None
+                    e.sampled_at = None
+                    router.down.add(e.id)
+                    continue
+                if e.dirty or e.stats is None:
+                    e.stats = e.engine.stats()
+                    e.dirty = False
+                e.sampled_at = now
+                router.down.discard(e.id)
+            for eid in router.routed_since:
+                router.ledger.on_sample(eid, now)
+            router.routed_since = {eid for eid in router.routed_since if router.ledger.pending(eid)}
+            for e in router.engines:
+                s = e.stats
+                if s is None:
+                    continue
+                healthy += 1
+                room = max(0.0, s.free_tokens - router.ledger.pending(e.id)
+                           - s.num_waiting * self.policy_cfg.waiting_request_tokens)  # fmt: skip
+                free += room
+                largest = max(largest, room)
+            router.summary = {"free": free, "largest": largest, "healthy": healthy}
+            router.summary_at = now
+        # queued requests get another look with the new data (the gateway wakes its queue per round)
+        for router in self.routers.values():
+            if router.queue:
+                waiting = list(router.queue)
+                router.queue.clear()
+                for job in waiting:
+                    if not job.done:
+                        self._route(job, router, now, allow_remote=True, hop_s=0.0)
+
+    def _on_sample(self, now: float) -> None:
+        for key, router in self.routers.items():
+            alive = [e for e in router.engines if e.alive]
+            usage = sum(e.engine.kv_cache_usage for e in alive) / len(router.engines) if alive else 0.0
+            self.kv_series[key].append((now, usage))
+
+    def _on_fail(self, region: str, now: float) -> None:
+        self.events.append((now, f"{region} down"))
+        router = self.routers[region]
+        lost: list[Request] = []
+        for e in router.engines:
+            if not e.alive:
+                continue
+            e.alive = False
+            e.plan = None
+            e.epoch += 1
+            lost += list(e.engine.running) + list(e.engine.waiting)
+            self._lost_preemptions += e.engine.num_preemptions
+            self._lost_recomputed += e.engine.recomputed_tokens
+            self._lost_busy[e.id] = self._lost_busy.get(e.id, 0.0) + e.engine.busy_time
+            self._lost_prefix[0] += e.engine.prefix_cache_queries
+            self._lost_prefix[1] += e.engine.prefix_cache_hits
+        for req in lost:
+            job, router_key, eid = req.user_data
+            self._release(self.routers[router_key], eid)
+            if job.done:
+                continue
+            # The owning router sees the connection reset at once.
+            owner = self.routers[router_key]
+            for e in router.engines:
+                owner.down.add(e.id)
+                job.excluded.add(e.id)
+            if req.num_output_tokens > 0 or job.first_token_at is not None:
+                job.rec.continued = True
+                job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
+            job.attempts = 0  # a continuation gets its own retry budget in the gateway
+            self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
+        for e in router.engines:
+            e.engine = self._engine(e.engine.cfg, e.id)  # its memory is gone with the process
+
+    def _on_restore(self, region: str, now: float) -> None:
+        self.events.append((now, f"{region} restored"))
+        for e in self.routers[region].engines:
+            e.alive = True
+            e.dirty = True
+
+    # -- results --------------------------------------------------------------------------------------
+
+    def _result(self, duration: float, end: float, wall: float) -> SimResult:
+        for job in self.jobs:
+            if not job.done:
+                self._fail(job, end, "unfinished at the end of the run")
+        records = [j.rec for j in self.jobs]
+        summary = summarize(records, self.ttft_slo, self.tpot_slo, duration)
+        engines = [e.engine for e in self.engines]
+        preempt = sum(e.num_preemptions for e in engines) + self._lost_preemptions
+        recomputed = sum(e.recomputed_tokens for e in engines) + self._lost_recomputed
+        q = sum(e.prefix_cache_queries for e in engines) + self._lost_prefix[0]
+        h = sum(e.prefix_cache_hits for e in engines) + self._lost_prefix[1]
+        hours = max(end, duration) / 3600.0
+        priced = [c for c in self.region_cost.values() if c is not None]
+        cost = sum(priced) * hours if priced else None
+        tokens = summary.prompt_tokens + summary.output_tokens
+        util = {}
+        span = max(end, 1e-9)
+        for key, router in self.routers.items():
+            busy = sum(e.engine.busy_time + self._lost_busy.get(e.id, 0.0) for e in router.engines)
+            util[key] = min(1.0, busy / (len(router.engines) * span))
+        failed_in = 0
+        for f in self.cfg.failures:
+            stop = f.until_s if f.until_s is not None else math.inf
+            failed_in += sum(1 for r in records if f.at_s <= r.arrival_s < stop and r.outcome == FAILED)
+        return SimResult(
+            records=records,
+            summary=summary,
+            duration_s=duration,
+            wall_s=wall,
+            engines=len(self.engines),
+            regions=len(self.routers),
+            preemptions=preempt,
+            recomputed_tokens=recomputed,
+            prefix_hit_rate=(h / q) if q else None,
+            cost_usd=cost,
+            cost_per_million_tokens=(cost / tokens * 1e6) if cost is not None and tokens else None,
+            cost_notes=self.cost_notes,
+            utilisation=util,
+            routed={k: r.routed for k, r in self.routers.items()},
+            spills={k: r.spills for k, r in self.routers.items()},
+            kv_series=self.kv_series,
+            events=self.events,
+            failed_during_failure=failed_in,
+        )
+
+
+def _block_hashes(hash_ids: Sequence[int], prompt_len: int, block_size: int) -> list[int]:
+    """Chained engine-block hashes from Mooncake's 512-token block ids: equal id prefixes give equal
+    hash chains, so the engine's prefix cache finds exactly the prefixes the trace shares."""
+    per = MOONCAKE_BLOCK_TOKENS // block_size
+    out: list[int] = []
+    parent = 0
+    for i in range(prompt_len // block_size):
+        j = i // per
+        if j >= len(hash_ids):
+            break
+        parent = hash((parent, hash_ids[j], i % per))
+        out.append(parent)
+    return out
