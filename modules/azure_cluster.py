@@ -22,14 +22,17 @@ from cdktn import TerraformResourceLifecycle
 from cdktn_provider_azurerm import (
     kubernetes_cluster,
     kubernetes_cluster_node_pool,
+    log_analytics_workspace,
     nat_gateway,
     nat_gateway_public_ip_association,
+    network_security_group,
     public_ip,
     resource_group,
     role_assignment,
     role_definition,
     subnet,
     subnet_nat_gateway_association,
+    subnet_network_security_group_association,
     user_assigned_identity,
     virtual_network,
 )
@@ -109,6 +112,19 @@ class AzureGpuCluster(Construct):
             address_prefixes=[p.network_cidr],
             default_outbound_access_enabled=False,  # egress only through the NAT gateway
         )
+        # An NSG with only Azure's default rules (VNet and load balancer in, nothing else from the
+        # internet); AKS adds its own rules for Services of type LoadBalancer.
+        nsg = network_security_group.NetworkSecurityGroup(
+            self,
+            "nodes-nsg",
+            name=f"{p.name}-nodes",
+            location=p.region,
+            resource_group_name=self.rg.name,
+            tags=self.tags,
+        )
+        self.nsg_assoc = subnet_network_security_group_association.SubnetNetworkSecurityGroupAssociation(
+            self, "nodes-nsg-assoc", subnet_id=self.subnet.id, network_security_group_id=nsg.id
+        )
         ip = public_ip.PublicIp(
             self,
             "nat-ip",
@@ -148,6 +164,17 @@ class AzureGpuCluster(Construct):
     def _cluster(self) -> kubernetes_cluster.KubernetesCluster:
         p = self.props
         kc = kubernetes_cluster
+        # Container Insights: node and pod logs and metrics, 30 days.
+        logs = log_analytics_workspace.LogAnalyticsWorkspace(
+            self,
+            "logs",
+            name=f"{p.name}-logs",
+            location=p.region,
+            resource_group_name=self.rg.name,
+            sku="PerGB2018",
+            retention_in_days=30,
+            tags=self.tags,
+        )
         return kc.KubernetesCluster(
             self,
             "cluster",
@@ -171,6 +198,7 @@ class AzureGpuCluster(Construct):
                 host_encryption_enabled=True,
                 max_pods=50,
                 os_disk_size_gb=64,
+                os_disk_type="Ephemeral",  # on the VM's local disk: encrypted at host, nothing to leak
                 upgrade_settings=kc.KubernetesClusterDefaultNodePoolUpgradeSettings(max_surge="10%"),
                 node_labels={"gpufleet.io/pool": "system"},
                 tags=self.tags,
@@ -199,11 +227,14 @@ class AzureGpuCluster(Construct):
             azure_policy_enabled=True,
             image_cleaner_enabled=True,
             image_cleaner_interval_hours=48,
+            oms_agent=kc.KubernetesClusterOmsAgent(
+                log_analytics_workspace_id=logs.id, msi_auth_for_monitoring_enabled=True
+            ),
             key_vault_secrets_provider=kc.KubernetesClusterKeyVaultSecretsProvider(
                 secret_rotation_enabled=True
             ),
             tags=self.tags,
-            depends_on=[self.nat_assoc, self.subnet_grant],
+            depends_on=[self.nat_assoc, self.nsg_assoc, self.subnet_grant],
         )
 
     def _reservation_grant(self, pool: GpuPoolProps) -> role_assignment.RoleAssignment:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 from cdktn_provider_google import (
+    compute_firewall,
     compute_network,
     compute_router,
     compute_router_nat,
@@ -127,6 +128,19 @@ class GcpGpuCluster(Construct):
                 aggregation_interval="INTERVAL_5_MIN", flow_sampling=0.5, metadata="INCLUDE_ALL_METADATA"
             ),
         )
+        # Make the VPC's implied deny-ingress explicit and logged; GKE adds its own allow rules above it.
+        compute_firewall.ComputeFirewall(
+            self,
+            "deny-ingress",
+            name=f"{p.name}-deny-ingress",
+            project=p.project,
+            network=self.network.id,
+            direction="INGRESS",
+            priority=65534,
+            source_ranges=["0.0.0.0/0"],
+            deny=[compute_firewall.ComputeFirewallDeny(protocol="all")],
+            log_config=compute_firewall.ComputeFirewallLogConfig(metadata="INCLUDE_ALL_METADATA"),
+        )
         router = compute_router.ComputeRouter(
             self, "router", name=p.name, project=p.project, region=p.region, network=self.network.id
         )
@@ -172,6 +186,7 @@ class GcpGpuCluster(Construct):
             name="gke-secrets",
             key_ring=ring.id,
             rotation_period="7776000s",
+            destroy_scheduled_duration="2592000s",  # 30 days to undo a destroy before the key is gone
             labels=self.labels,
         )
         # Only GKE's service agent may use the key (Google: "Encrypt secrets at the application layer").
