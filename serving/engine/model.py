@@ -268,7 +268,7 @@ class BlockPool:
         self.ref = [0] * num_gpu_blocks
         self.hash_of: list[int | None] = [None] * num_gpu_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_gpu_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_gpu_blocks))
 
     @property
     def num_free(self) -> int:
@@ -367,17 +367,72 @@ class EngineStats:
 
 @dataclass
 class StepPlan:
-    """One scheduled step (or a fast-forward window of `steps` identical decode steps)."""
+    """One scheduled step, or a fast-forward window of `steps` identical decode steps.
+
+    Step s (0-based) takes `(base + max(a + b*s, c + d*s)) * slow` seconds: memory time a + b*s and
+    compute time c + d*s grow as the window's sequences grow by one token a step."""
 
     start: float
-    scheduled: list[tuple[Request, int]]  # (request, tokens this step)
-    durations: list[float]  # per step
-    steps: int = 1
-    decode_window: bool = False
+    scheduled: list[tuple[Request, int]]  # (request, tokens in the first step)
+    steps: int
+    base: float
+    a: float
+    b: float
+    c: float
+    d: float
+    slow: float = 1.0
+
+    @property
+    def decode_window(self) -> bool:
+        return self.steps > 1
+
+    def step_time(self, s: int) -> float:
+        m, k = self.a + self.b * s, self.c + self.d * s
+        return (self.base + (m if m > k else k)) * self.slow
+
+    def time_of(self, k: int) -> float:
+        """Seconds the first k steps take (closed form: two arithmetic series)."""
+        if k <= 0:
+            return 0.0
+        if k == 1:
+            return self.step_time(0)
+
+        def series(x0: float, dx: float, lo: int, hi: int) -> float:  # sum_{s=lo}^{hi-1} x0 + dx*s
+            n = hi - lo
+            return n * x0 + dx * (lo + hi - 1) * n / 2 if n > 0 else 0.0
+
+        a, b, c, d = self.a, self.b, self.c, self.d
+        first_mem = a >= c
+        last_mem = a + b * (k - 1) >= c + d * (k - 1)
+        if first_mem == last_mem:
+            total = series(a, b, 0, k) if first_mem else series(c, d, 0, k)
+        else:  # the lines cross once inside the window
+            cross = min(k - 1, max(1, math.ceil((c - a) / (b - d))))
+            if first_mem:
+                total = series(a, b, 0, cross) + series(c, d, cross, k)
+            else:
+                total = series(c, d, 0, cross) + series(a, b, cross, k)
+        return (k * self.base + total) * self.slow
+
+    def steps_done_by(self, elapsed: float) -> tuple[int, float]:
+        """(j, t): the first step boundary at or after `elapsed` seconds into the window is the end
+        of step j (1-based), at t seconds."""
+        lo, hi = 1, self.steps
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.time_of(mid) >= elapsed:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo, self.time_of(lo)
 
     @property
     def duration(self) -> float:
-        return sum(self.durations)
+        return self.time_of(self.steps)
+
+    @property
+    def durations(self) -> list[float]:
+        return [self.step_time(s) for s in range(self.steps)]
 
     @property
     def num_tokens(self) -> int:
@@ -473,6 +528,9 @@ class Engine:
     def add_request(self, req: Request, now: float = 0.0) -> Request:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
+        problem = self.validate(req.prompt_len, req.max_tokens)
+        if problem:
+            raise ValueError(problem)
         req.arrival_time = now if req.arrival_time == 0.0 else req.arrival_time
         if req.prompt_block_hashes is None and req.prompt_token_ids is not None and self.pool.enable_caching:
             req.prompt_block_hashes = self._hash_tokens(
@@ -620,10 +678,7 @@ class Engine:
         steps = 1
         if max_steps > 1 and all_decode and not admitted and not preempted:
             steps = self._window(scheduled, max_steps)
-        durations = self._durations(scheduled, steps)
-        return StepPlan(
-            start=now, scheduled=scheduled, durations=durations, steps=steps, decode_window=steps > 1
-        )
+        return self._plan(now, scheduled, steps)
 
     def _window(self, scheduled: list[tuple[Request, int]], max_steps: int) -> int:
         """How many identical decode steps fit: up to the first finish and while free blocks last.
@@ -645,7 +700,7 @@ class Engine:
             k -= max(1, k // 4)
         return max(k, 1)
 
-    def _durations(self, scheduled: list[tuple[Request, int]], steps: int) -> list[float]:
+    def _plan(self, now: float, scheduled: list[tuple[Request, int]], steps: int) -> StepPlan:
         """Roofline step time per GPU: overhead + max(memory time, compute time), x slowdown."""
         cfg = self.cfg
         c = cfg.cost
@@ -660,13 +715,19 @@ class Engine:
         n_seqs = len(scheduled)
         bw = cfg.hbm_bytes_s * c.mem_efficiency
         fl = cfg.flops_s * c.compute_efficiency
-        base = c.overhead_s + cfg.tp_allreduce_s
-        out = []
-        for s in range(steps):
-            mem = (cfg.weight_bytes + (ctx_read + s * n_seqs) * cfg.kv_bytes_per_token) / bw
-            comp = (tokens * cfg.flops_per_token + (attn + s * n_seqs) * cfg.attn_flops_per_token_ctx) / fl
-            out.append((base + (mem if mem > comp else comp)) * self.slowdown)
-        return out
+        kvb = cfg.kv_bytes_per_token
+        attn_f = cfg.attn_flops_per_token_ctx
+        return StepPlan(
+            start=now,
+            scheduled=scheduled,
+            steps=steps,
+            base=c.overhead_s + cfg.tp_allreduce_s,
+            a=(cfg.weight_bytes + ctx_read * kvb) / bw,
+            b=n_seqs * kvb / bw,
+            c=(tokens * cfg.flops_per_token + attn * attn_f) / fl,
+            d=n_seqs * attn_f / fl,
+            slow=self.slowdown,
+        )
 
     def _all_hashes(self, req: Request) -> list[int]:
         """Chained hashes of every full block of prompt + output (a preempted request's lookup)."""
@@ -690,7 +751,7 @@ class Engine:
         caching = pool.enable_caching
         max_len = self.cfg.max_model_len
         self.num_steps += k
-        self.busy_time += sum(plan.durations[:k])
+        self.busy_time += plan.time_of(k)
         for req, n in plan.scheduled:
             if req.status != RUNNING:
                 continue  # aborted while the step ran
