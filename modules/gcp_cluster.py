@@ -63,13 +63,11 @@ def gcp_labels(tags: dict[str, str]) -> dict[str, str]:
 
 
 def add_provider(scope: Construct, props: ClusterProps) -> GoogleProvider:
-    return GoogleProvider(
-        scope,
-        "google",
-        project=props.project,
-        region=props.region,
-        default_labels=gcp_labels(dict(props.tags)),
-    )
+    provider = GoogleProvider(scope, "google", project=props.project, region=props.region)
+    # Set through an override: cdktn snake-cases the keys of map arguments of provider blocks
+    # ("cost-center" became "cost_center"), which would rename the fleet's labels.
+    provider.add_override("default_labels", gcp_labels(dict(props.tags)))
+    return provider
 
 
 class GcpGpuCluster(Construct):

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from gpufleet.stacks.spec import Fleet, Region
 
 DEFAULT_OUTDIR = Path("cdktf.out")
+# What the stacks need to deploy: S3-native state locking came with Terraform and OpenTofu 1.10. cdktn
+# validates backend features against these (cdktf.json `targetVersions` would set the same).
+TARGET_VERSIONS = {"terraform": ">=1.10.0", "opentofu": ">=1.10.0"}
 STATE_DIR_NAME = "terraform-state"  # local backend: beside the output folder, so a re-synth keeps it
 Progress = Callable[[str], None]
 
@@ -75,7 +78,7 @@ def configure_backend(stack: TerraformStack, fleet: Fleet, name: str, outdir: Pa
             key=f"{key}.tfstate",
             region=state.region,
             encrypt=True,
-            use_lockfile=True,
+            use_lockfile=True,  # S3-native locking, no DynamoDB table: needs Terraform/OpenTofu >= 1.10
         )
     elif state.backend == "gcs":
         GcsBackend(stack, bucket=state.bucket, prefix=key)
@@ -139,7 +142,8 @@ def build_app(
 
     out = Path(outdir) if outdir is not None else None
     # stack_traces off: keeps the JSON free of source paths, so it is stable (the golden test).
-    app = App(outdir=str(out), stack_traces=False) if out is not None else App(stack_traces=False)
+    options: dict[str, Any] = {"stack_traces": False, "context": {"targetVersions": TARGET_VERSIONS}}
+    app = App(outdir=str(out), **options) if out is not None else App(**options)
     clusters: dict[str, ClusterStackHandle] = {}
     for region in fleet.regions:
         say(f"building {stack_name(region)} ({region.gpu} on {region.cloud.value} {region.region})")

@@ -41,17 +41,34 @@ def synthesized(example_fleet, tmp_path_factory) -> Synthesized:
 
 VARIANT_REGIONS = [
     # AWS capacity block: CAPACITY_BLOCK, a launch template with the reservation, one subnet.
-    {"cloud": "aws", "region": "us-east-2", "zones": ["us-east-2a", "us-east-2b"], "gpu": "H100-80GB",
-     "nodes": {"min": 0, "max": 2}, "capacity": {"tier": "reserved", "reservation_id": "cr-0123456789abcdef0"}},
+    {
+        "cloud": "aws",
+        "region": "us-east-2",
+        "zones": ["us-east-2a", "us-east-2b"],
+        "gpu": "H100-80GB",
+        "nodes": {"min": 0, "max": 2},
+        "capacity": {"tier": "reserved", "reservation_id": "cr-0123456789abcdef0"},
+    },
     # AWS with no zones listed: the first two available zones, from a data source.
     {"cloud": "aws", "region": "eu-west-1", "gpu": "L4", "nodes": {"min": 1, "max": 3}},
     # GCP reservation.
-    {"cloud": "gcp", "region": "us-east4", "zones": ["us-east4-a"], "gpu": "A100-80GB",
-     "instance_type": "a2-ultragpu-2g", "nodes": {"min": 0, "max": 2},
-     "capacity": {"tier": "reserved", "reservation_id": "acme-a100-reservation"}},
+    {
+        "cloud": "gcp",
+        "region": "us-east4",
+        "zones": ["us-east4-a"],
+        "gpu": "A100-80GB",
+        "instance_type": "a2-ultragpu-2g",
+        "nodes": {"min": 0, "max": 2},
+        "capacity": {"tier": "reserved", "reservation_id": "acme-a100-reservation"},
+    },
     # Azure spot.
-    {"cloud": "azure", "region": "westus3", "gpu": "H100-80GB", "nodes": {"min": 0, "max": 3},
-     "capacity": {"tier": "spot"}},
+    {
+        "cloud": "azure",
+        "region": "westus3",
+        "gpu": "H100-80GB",
+        "nodes": {"min": 0, "max": 3},
+        "capacity": {"tier": "spot"},
+    },
 ]
 
 
