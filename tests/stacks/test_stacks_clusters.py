@@ -29,17 +29,6 @@ def _resources(synth: str, resource_type: str) -> list[dict]:
     return list(json.loads(synth).get("resource", {}).get(resource_type, {}).values())
 
 
-def _gpu_pools(synth: str, resource_type: str) -> list[dict]:
-    pools = [
-        r
-        for r in _resources(synth, resource_type)
-        if "gpu"
-        in json.dumps(r.get("labels", r.get("node_labels", r.get("node_config", {}).get("labels", {}))))
-    ]
-    assert pools, f"no GPU pool ({resource_type}) in the stack"
-    return pools
-
-
 class TestStackLayout:
     def test_one_cluster_stack_per_region(self, synthesized, example_fleet):
         names = set(synthesized.manifest()["stacks"])
