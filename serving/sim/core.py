@@ -1,8 +1,9 @@
 """The fleet simulator: the engine model and the router's own policy objects, in virtual time.
 
 What runs, per region of the fleet file:
-  * engines: `gpufleet.serving.engine.model.Engine`, the scheduler the HTTP emulator runs, one per
-    GPU group (nodes.max x GPUs per node / tensor_parallel_size), sized from the catalog;
+  * engines: `gpufleet.serving.engine.model.Engine`, the scheduler the HTTP emulator runs, stepped by
+    `gpufleet.serving.engine.virtual.VirtualEngine` on one `VirtualLoop`; one per GPU group
+    (nodes.max x GPUs per node / tensor_parallel_size), sized from the catalog;
   * a router: ONE policy object from `gpufleet.serving.router.policy` (the class the gateway uses),
     fed `EngineView`s built from engine stats sampled every `scrape_interval_s` (stale after
     `stale_after_s`), with the router's optimistic accounting (`OptimisticLedger`) and outstanding
@@ -15,13 +16,12 @@ Network: clients reach the router of their region in 5 ms; router to engine 0.5 
 regions the great-circle latency of `network.py`. A region failure (`--fail REGION@T[+D]`) kills the
 region's engines (their router stays up), as the demo does; they come back empty after D.
 
-Time is virtual: a heap of events, no sockets, no sleeps. Decode steps between two events are
-simulated as one window (Engine.schedule(max_steps=...)), cut short when a request arrives.
+Time is virtual (virtual.py's event loop: no sockets, no sleeps). Decode steps between two events
+run as one window, cut short at the next step boundary when a request arrives.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import time
@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gpufleet.serving.engine.model import Engine, EngineConfig, Request, resolve
+from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop
 from gpufleet.serving.loadgen import WorkItem
 from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary, summarize
 from gpufleet.serving.router.policy import (
@@ -42,7 +43,7 @@ from gpufleet.serving.router.policy import (
 )
 from gpufleet.serving.sim import network
 
-MAX_WINDOW_STEPS = 100_000
+MAX_WINDOW_STEPS = 4096
 MOONCAKE_BLOCK_TOKENS = 512  # a Mooncake hash_id names 512 prompt tokens
 
 
@@ -86,6 +87,7 @@ class SimConfig:
     kv_sample_s: float | None = None  # KV-usage series step; None: duration / 120
     seed: int = 0
     num_gpu_blocks: int | None = None  # override the catalog sizing (small test engines)
+    regions: Sequence[str] | None = None  # simulate only these regions of the fleet (None: all)
 
 
 # ---- per-request state -----------------------------------------------------------------------------
@@ -105,6 +107,7 @@ class _Job:
     sent_tokens: int = 0  # output tokens the client has (for a continuation)
     queued_until: float | None = None
     done: bool = False
+    live: Request | None = None  # the engine request now serving this job
 
 
 class _CountingEngine(Engine):
@@ -118,20 +121,21 @@ class _CountingEngine(Engine):
 
 
 class _SimEngine:
-    __slots__ = ("id", "region", "engine", "alive", "plan", "plan_end", "epoch", "stats", "sampled_at",
-                 "dirty")  # fmt: skip
+    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "dirty", "room")
 
-    def __init__(self, eid: str, region: str, engine: Engine) -> None:
+    def __init__(self, eid: str, region: str, v: VirtualEngine) -> None:
         self.id = eid
         self.region = region
-        self.engine = engine
+        self.v = v  # the engine model, stepped on the shared virtual loop
         self.alive = True
-        self.plan = None
-        self.plan_end = 0.0
-        self.epoch = 0
         self.stats = None
         self.sampled_at: float | None = None
         self.dirty = True
+        self.room = 0.0
+
+    @property
+    def engine(self) -> _CountingEngine:
+        return self.v.engine  # type: ignore[return-value]
 
 
 class _Router:
@@ -173,6 +177,7 @@ class SimResult:
     cost_per_million_tokens: float | None
     cost_notes: list[str]
     utilisation: dict[str, float]  # region -> busy fraction of its engines
+    region_engines: dict[str, int]
     routed: dict[str, int]  # region -> requests its router placed locally
     spills: dict[str, int]  # region -> requests its router forwarded to a peer
     kv_series: dict[str, list[tuple[float, float]]]
@@ -210,6 +215,13 @@ class Simulator:
         self.tpot_slo = fleet.slo.tpot_ms / 1000.0
         self.policy_cfg = PolicyConfig(stale_after_s=s.stale_after_s, peer_stale_after_s=2 * s.stale_after_s)
         keys = {r.key for r in fleet.regions}
+        unknown = [k for k in (self.cfg.regions or ()) if k not in keys]
+        if unknown:
+            raise SimError(f"region {unknown[0]!r} is not in the fleet; regions: {', '.join(sorted(keys))}")
+        if self.cfg.regions:
+            keys = set(self.cfg.regions)
+        self.region_keys = keys
+        self.loop = VirtualLoop()
         for f in self.cfg.failures:
             if f.region not in keys:
                 raise SimError(
@@ -229,6 +241,8 @@ class Simulator:
         self.cost_notes: list[str] = []
         self.capacity: dict[str, int] = {}
         for r in fleet.regions:
+            if r.key not in self.region_keys:
+                continue
             model = fleet.model_for(r)
             tp = model.tensor_parallel_size
             n = fleet.gpus_at_max(r) // tp
@@ -274,73 +288,44 @@ class Simulator:
                 cost_per_gpu_hour=None if price is None else price / it.gpus,
             )
             self.routers[r.key] = _Router(r.key, view, r.region, engines, self.cfg.policy, self.policy_cfg)
-        self.cloud_region = {r.key: r.region for r in fleet.regions}
+        self.cloud_region = {r.key: r.region for r in fleet.regions if r.key in self.region_keys}
         self.max_model_len = min(e.engine.cfg.max_model_len for e in self.engines)
         self._by_id = {e.id: e for e in self.engines}
 
-    def _engine(self, resolved, name: str) -> Engine:
-        return _CountingEngine(resolved, name=name)
+    def _engine(self, resolved, name: str) -> VirtualEngine:
+        return VirtualEngine(self.loop, _CountingEngine(resolved, name=name), name=name,
+                             max_window_steps=MAX_WINDOW_STEPS)  # fmt: skip
 
     # -- event plumbing -------------------------------------------------------------------------------
-
-    def _push(self, t: float, kind: int, obj, extra=None) -> None:
-        heapq.heappush(self._heap, (t, next(self._seq), kind, obj, extra))
-
-    # event kinds, in the order they run at equal times
-    _STEP, _ARRIVE, _ENGINE_IN, _SCRAPE, _FAIL, _RESTORE, _SAMPLE, _QUEUE = range(8)
 
     def run(self, items: Sequence[WorkItem]) -> SimResult:
         if not items:
             raise SimError("no requests to simulate")
         wall0 = time.perf_counter()
-        self._heap: list = []
-        self._seq = itertools.count()
+        loop = self.loop
+        self._ids = itertools.count()
         self.jobs: list[_Job] = []
         self.events: list[tuple[float, str]] = []
         items = self._clients(items)
         duration = max(it.at_s for it in items)
         for it in items:
-            self._push(it.at_s + network.CLIENT_MS / 1000.0, self._ARRIVE, it)
+            loop.schedule(it.at_s + network.CLIENT_MS / 1000.0, self._on_arrive, it)
         for f in self.cfg.failures:
-            self._push(f.at_s, self._FAIL, f.region)
+            loop.schedule(f.at_s, self._on_fail, f.region)
             if f.until_s is not None:
-                self._push(f.until_s, self._RESTORE, f.region)
-        self._push(0.0, self._SCRAPE, None)
-        step = self.cfg.kv_sample_s or max(self.scrape_s, duration / 120.0)
-        self._sample_step = step
+                loop.schedule(f.until_s, self._on_restore, f.region)
+        self._sample_step = self.cfg.kv_sample_s or max(self.scrape_s, duration / 120.0)
         self.kv_series: dict[str, list[tuple[float, float]]] = {k: [] for k in self.routers}
-        self._push(0.0, self._SAMPLE, None)
         self._open_jobs = 0
         self._arrivals_left = len(items)
         self._lost_preemptions = 0  # counters of engines that died with their region
         self._lost_recomputed = 0
         self._lost_busy: dict[str, float] = {}
         self._lost_prefix = [0, 0]
-        now = 0.0
-        heap = self._heap
-        while heap:
-            now, _, kind, obj, extra = heapq.heappop(heap)
-            if kind == self._STEP:
-                self._on_step(obj, extra, now)
-            elif kind == self._ARRIVE:
-                self._arrivals_left -= 1
-                self._on_arrive(obj, now)
-            elif kind == self._ENGINE_IN:
-                self._on_engine_in(obj, extra, now)
-            elif kind == self._SCRAPE:
-                self._on_scrape(now)
-                if self._arrivals_left or self._open_jobs:
-                    self._push(now + self.scrape_s, self._SCRAPE, None)
-            elif kind == self._SAMPLE:
-                self._on_sample(now)
-                if self._arrivals_left or self._open_jobs:
-                    self._push(now + step, self._SAMPLE, None)
-            elif kind == self._FAIL:
-                self._on_fail(obj, now)
-            elif kind == self._RESTORE:
-                self._on_restore(obj, now)
-            elif kind == self._QUEUE:
-                self._on_queue_timeout(obj, now)
+        self._rv_cache: dict[str, list[RegionView]] = {}
+        loop.schedule(0.0, self._scrape_tick)
+        loop.schedule(0.0, self._sample_tick)
+        now = loop.run()
         wall = time.perf_counter() - wall0
         return self._result(duration, now, wall)
 
@@ -367,7 +352,21 @@ class Simulator:
 
     # -- requests at routers --------------------------------------------------------------------------
 
-    def _on_arrive(self, item: WorkItem, now: float) -> None:
+    def _scrape_tick(self) -> None:
+        now = self.loop.now
+        self._on_scrape(now)
+        if self._arrivals_left or self._open_jobs:
+            self.loop.schedule(now + self.scrape_s, self._scrape_tick)
+
+    def _sample_tick(self) -> None:
+        now = self.loop.now
+        self._on_sample(now)
+        if self._arrivals_left or self._open_jobs:
+            self.loop.schedule(now + self._sample_step, self._sample_tick)
+
+    def _on_arrive(self, item: WorkItem) -> None:
+        now = self.loop.now
+        self._arrivals_left -= 1
         prompt = item.prompt_tokens
         out = item.max_tokens
         if prompt + out > self.max_model_len:  # the engines would answer 400; keep the load, clip it
@@ -407,8 +406,12 @@ class Simulator:
         return out
 
     def _region_views(self, router: _Router) -> list[RegionView]:
+        """The peers' summaries as this router last read them (rebuilt once per scrape round)."""
         from dataclasses import replace
 
+        cached = self._rv_cache.get(router.key)
+        if cached is not None:
+            return cached
         out = []
         for key, other in self.routers.items():
             if key == router.key:
@@ -429,6 +432,7 @@ class Simulator:
                     summarized_at=other.summary_at,
                 )
             )
+        self._rv_cache[router.key] = out
         return out
 
     def _route(
@@ -458,7 +462,7 @@ class Simulator:
                 router.spills += 1
                 lat = network.one_way_s(router.cloud_region, peer.cloud_region)
                 job.attempts += 1
-                self._push(now + lat, self._ENGINE_IN, job, ("peer", peer.key, hop_s + lat))
+                self.loop.schedule(now + lat, self._on_engine_in, job, ("peer", peer.key, hop_s + lat))
                 return
             eng = router.by_id[cand.engine]
             job.attempts += 1
@@ -472,7 +476,9 @@ class Simulator:
             router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
             router.routed += 1
             lat = network.INTRA_REGION_MS / 1000.0
-            self._push(now + lat, self._ENGINE_IN, job, ("engine", eng.id, hop_s + lat, router.key))
+            self.loop.schedule(
+                now + lat, self._on_engine_in, job, ("engine", eng.id, hop_s + lat, router.key)
+            )
             return
         if job.attempts > self.retry_budget:
             self._fail(job, now, "retry budget spent")
@@ -483,18 +489,19 @@ class Simulator:
         # Nothing fits now: a forwarded request is refused at once (429, the origin moves on);
         # one that arrived here waits in the bounded queue.
         if not allow_remote:
-            self._push(now + hop_s, self._ENGINE_IN, job, ("refused", router.key, 0.0))
+            self.loop.schedule(now + hop_s, self._on_engine_in, job, ("refused", router.key, 0.0))
             return
         if job.queued_until is None:
             if len(router.queue) >= self.queue_max or self.queue_wait_s <= 0:
                 self._reject(job, now)
                 return
             job.queued_until = now + self.queue_wait_s
-            self._push(job.queued_until, self._QUEUE, job)
+            self.loop.schedule(job.queued_until, self._on_queue_timeout, job)
         if job not in router.queue:
             router.queue.append(job)
 
-    def _on_engine_in(self, job: _Job, where: tuple, now: float) -> None:
+    def _on_engine_in(self, job: _Job, where: tuple) -> None:
+        now = self.loop.now
         kind = where[0]
         if job.done:
             return
@@ -522,7 +529,7 @@ class Simulator:
         job.rec.spilled = eng.region != job.router
         prompt = job.rec.prompt_tokens + job.sent_tokens
         req = Request(
-            request_id=f"{job.item.id}.{next(self._seq)}",
+            request_id=f"{job.item.id}.{next(self._ids)}",
             prompt_len=prompt,
             max_tokens=job.rec.max_tokens - job.sent_tokens,
             prompt_block_hashes=job.hashes[: prompt // eng.engine.block_size] if job.hashes else None,
@@ -531,18 +538,22 @@ class Simulator:
             on_first_token=self._first_token,
             on_finish=self._finished,
         )
-        eng.engine.add_request(req, now)
+        job.live = req
+        eng.v.submit(req)
         eng.dirty = True
-        self._kick(eng, now)
 
     def _first_token(self, req: Request, t: float) -> None:
         job = req.user_data[0]
+        if job.live is not req:
+            return  # an engine that died with its region finishing its last window
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s
             job.rec.ttft_s = job.first_token_at - job.item.at_s
 
     def _finished(self, req: Request, t: float) -> None:
         job, router_key, eid = req.user_data
+        if job.live is not req:
+            return
         self._release(self.routers[router_key], eid)
         if job.done:
             return
@@ -579,7 +590,8 @@ class Simulator:
         job.rec.outcome = REJECTED
         job.rec.error = "429"
 
-    def _on_queue_timeout(self, job: _Job, now: float) -> None:
+    def _on_queue_timeout(self, job: _Job) -> None:
+        now = self.loop.now
         if job.done or job.queued_until is None or job.queued_until > now + 1e-9:
             return
         router = self.routers[job.router]
@@ -589,50 +601,17 @@ class Simulator:
 
     # -- engines --------------------------------------------------------------------------------------
 
-    def _kick(self, eng: _SimEngine, now: float) -> None:
-        """Make sure the engine has its next step scheduled; cut a decode window short so that a new
-        request joins at the next step boundary, as the real scheduler would."""
-        plan = eng.plan
-        if plan is None:
-            self._schedule(eng, now)
-            return
-        if plan.steps > 1 and eng.plan_end > now:
-            cum = 0.0
-            steps = 0
-            for d in plan.durations:
-                cum += d
-                steps += 1
-                if plan.start + cum >= now:
-                    break
-            if steps < plan.steps:
-                eng.epoch += 1
-                end = plan.start + cum
-                eng.plan_end = end
-                self._push(end, self._STEP, eng, (eng.epoch, steps))
-
-    def _schedule(self, eng: _SimEngine, now: float) -> None:
-        plan = eng.engine.schedule(now, max_steps=MAX_WINDOW_STEPS)
-        eng.plan = plan
-        if plan is None:
-            return
-        eng.epoch += 1
-        eng.plan_end = now + plan.duration
-        self._push(eng.plan_end, self._STEP, eng, (eng.epoch, None))
-
-    def _on_step(self, eng: _SimEngine, extra, now: float) -> None:
-        epoch, steps = extra
-        if epoch != eng.epoch or not eng.alive or eng.plan is None:
-            return
-        plan = eng.plan
-        eng.plan = None
-        eng.engine.commit(plan, now, steps)
-        eng.dirty = True
-        self._schedule(eng, now)
-
     # -- scrapes, samples, failures -------------------------------------------------------------------
 
     def _on_scrape(self, now: float) -> None:
+        per_waiting = self.policy_cfg.waiting_request_tokens
+        self._rv_cache.clear()
         for router in self.routers.values():
+            ledger = router.ledger
+            for eid in router.routed_since:
+                ledger.on_sample(eid, now)
+            pend = {eid: ledger.pending(eid) for eid in router.routed_since}
+            router.routed_since = {eid for eid, p in pend.items() if p}
             free = largest = 0.0
             healthy = 0
             for e in router.engines:
@@ -642,22 +621,19 @@ class Simulator:
                     router.down.add(e.id)
                     continue
                 if e.dirty or e.stats is None:
-                    e.stats = e.engine.stats()
+                    st = e.stats = e.engine.stats()
                     e.dirty = False
+                    # the summary's headroom before accounting: free minus the waiting estimate
+                    e.room = st.free_tokens - st.num_waiting * per_waiting
                 e.sampled_at = now
-                router.down.discard(e.id)
-            for eid in router.routed_since:
-                router.ledger.on_sample(eid, now)
-            router.routed_since = {eid for eid in router.routed_since if router.ledger.pending(eid)}
-            for e in router.engines:
-                s = e.stats
-                if s is None:
-                    continue
                 healthy += 1
-                room = max(0.0, s.free_tokens - router.ledger.pending(e.id)
-                           - s.num_waiting * self.policy_cfg.waiting_request_tokens)  # fmt: skip
-                free += room
-                largest = max(largest, room)
+                room = e.room - pend.get(e.id, 0.0)
+                if room > 0:
+                    free += room
+                    if room > largest:
+                        largest = room
+            if router.down:
+                router.down = {eid for eid in router.down if not router.by_id[eid].alive}
             router.summary = {"free": free, "largest": largest, "healthy": healthy}
             router.summary_at = now
         # queued requests get another look with the new data (the gateway wakes its queue per round)
@@ -675,7 +651,8 @@ class Simulator:
             usage = sum(e.engine.kv_cache_usage for e in alive) / len(router.engines) if alive else 0.0
             self.kv_series[key].append((now, usage))
 
-    def _on_fail(self, region: str, now: float) -> None:
+    def _on_fail(self, region: str) -> None:
+        now = self.loop.now
         self.events.append((now, f"{region} down"))
         router = self.routers[region]
         lost: list[Request] = []
@@ -683,8 +660,6 @@ class Simulator:
             if not e.alive:
                 continue
             e.alive = False
-            e.plan = None
-            e.epoch += 1
             lost += list(e.engine.running) + list(e.engine.waiting)
             self._lost_preemptions += e.engine.num_preemptions
             self._lost_recomputed += e.engine.recomputed_tokens
@@ -704,12 +679,14 @@ class Simulator:
             if req.num_output_tokens > 0 or job.first_token_at is not None:
                 job.rec.continued = True
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
+            job.live = None
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
         for e in router.engines:
-            e.engine = self._engine(e.engine.cfg, e.id)  # its memory is gone with the process
+            e.v = self._engine(e.engine.cfg, e.id)  # its memory is gone with the process
 
-    def _on_restore(self, region: str, now: float) -> None:
+    def _on_restore(self, region: str) -> None:
+        now = self.loop.now
         self.events.append((now, f"{region} restored"))
         for e in self.routers[region].engines:
             e.alive = True
@@ -755,6 +732,7 @@ class Simulator:
             cost_per_million_tokens=(cost / tokens * 1e6) if cost is not None and tokens else None,
             cost_notes=self.cost_notes,
             utilisation=util,
+            region_engines={k: len(r.engines) for k, r in self.routers.items()},
             routed={k: r.routed for k, r in self.routers.items()},
             spills={k: r.spills for k, r in self.routers.items()},
             kv_series=self.kv_series,
