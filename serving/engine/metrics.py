@@ -186,7 +186,8 @@ class EngineMetrics:
             yield f"# HELP {name} {doc}\n# TYPE {name} gauge\n{name}{lab} {float(value)!r}\n"
 
         def counter(name: str, doc: str, value: float) -> Iterator[str]:
-            yield f"# HELP {name} {doc}\n# TYPE {name} counter\n{name}_total{lab} {float(value)!r}\n"
+            # text format 0.0.4 as prometheus_client writes a Counter: HELP/TYPE carry the _total name
+            yield f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n{name}_total{lab} {float(value)!r}\n"
 
         def hist(name: str, doc: str, h: Histogram) -> Iterator[str]:
             yield f"# HELP {name} {doc}\n# TYPE {name} histogram\n"
@@ -222,7 +223,7 @@ class EngineMetrics:
             "vllm:generation_tokens", "Number of generation tokens processed.", e.generation_tokens_total
         )
         name = "vllm:request_success"
-        yield f"# HELP {name} Count of successfully processed requests.\n# TYPE {name} counter\n"
+        yield f"# HELP {name}_total Count of successfully processed requests.\n# TYPE {name}_total counter\n"
         for reason, n in self.success.items():
             yield f"{name}_total{self._labels({'finished_reason': reason})} {float(n)!r}\n"
         yield from hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", self.prompt_hist)

@@ -625,6 +625,8 @@ class Engine:
                 break
             scheduled.append((req, num_new))
             budget -= num_new
+            if pool.enable_caching:
+                self._cache_full_blocks(req, req.num_computed_tokens + num_new)
             if num_new != 1 or req.num_computed_tokens + 1 != req.num_tokens:
                 all_decode = False
             i += 1
@@ -670,6 +672,8 @@ class Engine:
                 running.append(req)
                 scheduled.append((req, num_new))
                 budget -= num_new
+                if pool.enable_caching:
+                    self._cache_full_blocks(req, hit + num_new)
                 admitted = True
                 all_decode = False
 
@@ -764,15 +768,13 @@ class Engine:
             else:
                 req.num_computed_tokens += n
                 if req.num_computed_tokens < req.num_tokens:
-                    if caching:
-                        self._cache_full_blocks(req)
                     continue  # a prefill chunk short of the end: no token yet
                 new = 1
             if req.num_output_tokens == 0:
                 self.prompt_tokens_total += req.prompt_len
             self._append_output(req, new, now)
-            if caching:
-                self._cache_full_blocks(req)
+            if caching and k > 1:
+                self._cache_full_blocks(req, req.num_computed_tokens)
             if req.num_output_tokens >= req.target_output_tokens or req.num_tokens >= max_len:
                 reason = "length"
                 if (
@@ -803,10 +805,11 @@ class Engine:
         if req.on_token:
             req.on_token(req, new, now)
 
-    def _cache_full_blocks(self, req: Request) -> None:
-        """Register the hashes of blocks that became full: prompt blocks, and blocks holding output
-        tokens when the token ids are known."""
-        n_full = req.num_computed_tokens // self.block_size
+    def _cache_full_blocks(self, req: Request, upto: int) -> None:
+        """Register the hashes of the blocks full once `upto` tokens are in: prompt blocks, and blocks
+        holding output tokens when the token ids are known. Called at allocation, as vLLM's
+        allocate_slots caches the blocks of the tokens scheduled in the step."""
+        n_full = upto // self.block_size
         start = req.num_hashed_blocks
         if n_full <= start:
             return

@@ -199,8 +199,9 @@ class EmulatorServer:
 
     # -- faults ----------------------------------------------------------------------------------
 
-    async def set_faults(self, body: dict) -> dict:
-        """Apply a fault body (see faults.py) and return the state."""
+    async def set_faults(self, body: dict, spare=None) -> dict:
+        """Apply a fault body (see faults.py) and return the state. `spare`: a connection not to
+        drop when refusing (the admin request's own)."""
         was_refusing = self.faults.refuse_connections
         faultlib.apply(self.faults, body)
         f = self.faults
@@ -211,19 +212,21 @@ class EmulatorServer:
         else:
             self._unhang.set()
         if f.refuse_connections and not was_refusing:
-            await self._close_listener()
+            await self._close_listener(spare)
             if f.refuse_for_s:
                 self._reopen = asyncio.create_task(self._reopen_after(f.refuse_for_s))
         elif was_refusing and not f.refuse_connections:
             await self._open_listener()
         return f.as_dict()
 
-    async def _close_listener(self) -> None:
+    async def _close_listener(self, spare=None) -> None:
         if self.site is not None:
             await self.site.stop()
             self.site = None
         if self.runner is not None and self.runner.server is not None:
             for proto in list(self.runner.server.connections):
+                if proto is spare:
+                    continue
                 proto.force_close()
                 if proto.transport is not None:
                     proto.transport.abort()
@@ -268,10 +271,13 @@ class EmulatorServer:
             return web.json_response(self.faults.as_dict())
         body = await _json_body(request)
         try:
-            state = await self.set_faults(body)
+            state = await self.set_faults(body, spare=request.protocol)
         except faultlib.FaultError as exc:
             raise _BadRequest(str(exc)) from None
-        return web.json_response(state)
+        resp = web.json_response(state)
+        if state["refuse_connections"]:
+            resp.force_close()
+        return resp
 
     # -- simple endpoints ------------------------------------------------------------------------
 
