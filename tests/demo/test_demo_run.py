@@ -1,0 +1,51 @@
+"""The demo runs to completion in its short mode and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from gpufleet.serving.procs import descendants, pid_alive
+
+
+def test_short_demo_completes_and_leaves_nothing(tmp_path, repo_root):
+    report = tmp_path / "report"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpufleet.cli.app", "demo", "--short", "--no-live",
+         "--report-dir", str(report)],  # fmt: skip
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: set[int] = set()
+    # Collect the demo's children while it runs (engines and routers), to check them afterwards.
+    while proc.poll() is None:
+        seen.update(descendants(proc.pid))
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out
+    assert "requests" in out and "full report:" in out, out
+    assert (report / "report.md").is_file() and (report / "results.json").is_file()
+    assert len(seen) >= 6, f"expected 3 engines and 3 routers under the demo, saw {sorted(seen)}"
+    alive = [pid for pid in seen if pid_alive(pid)]
+    assert not alive, f"processes left behind: {alive}"
+    assert "failed" in (report / "report.md").read_text()
+
+
+def test_bad_input_is_a_clean_exit(tmp_path, repo_root):
+    env = {**os.environ}
+    r = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli.app", "demo", "--fleet", str(tmp_path / "none.yaml")],
+        cwd=repo_root, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli.app", "demo", "--region", "mars-1", "--short"],
+        cwd=repo_root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "mars-1" in r.stderr and "Traceback" not in r.stderr
