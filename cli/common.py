@@ -32,7 +32,10 @@ def console(stderr: bool = False):
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print one clear error line to stderr and exit with `code`."""
-    console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True)
+    from rich.markup import escape
+
+    # escape: messages quote user input and patterns such as [a-z], which rich would eat as markup
+    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
 
@@ -50,7 +53,9 @@ def load_fleet_or_exit(path: Path):
     try:
         return load_fleet(path)
     except FleetFileError as exc:
+        from rich.markup import escape
+
         err = console(stderr=True)
         for problem in exc.problems:
-            err.print(f"[bold red]error:[/] {problem}", markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(problem))}", markup=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None

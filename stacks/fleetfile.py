@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 MAX_FLEET_BYTES = 1024 * 1024
+MAX_EXPANDED_NODES = 100_000  # YAML aliases can make a small file expand exponentially ("billion laughs")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,22 @@ def _marks(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, yaml.Mark]:
         for i, item in enumerate(node.value):
             out.update(_marks(item, prefix + (i,)))
     return out
+
+
+def _too_big(node: yaml.Node | None, budget: int = MAX_EXPANDED_NODES) -> bool:
+    """Whether the document, with every alias expanded, has more than `budget` nodes."""
+    stack = [node] if node is not None else []
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return True
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                stack.extend((k, v))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+    return False
 
 
 def _dotted(loc: tuple) -> str:
@@ -99,6 +116,9 @@ def parse_fleet(text: str | bytes, file: str = "<fleet>"):
             raise FleetFileError([Problem(file, "", f"is not UTF-8 text (byte {exc.start})")]) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if _too_big(node):
+            raise FleetFileError([Problem(file, "", f"expands to more than {MAX_EXPANDED_NODES} YAML nodes "
+                                                    "(aliases nested too deeply?)")])
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
