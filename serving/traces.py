@@ -178,9 +178,18 @@ def iter_requests(
 
     for i, rec in enumerate(records):
         if tokens:
-            req = Request(f"{prefix}-{i}", prompt_token_ids=synthesize_prompt(rec), max_tokens=rec.output_tokens,
-                          ignore_eos=True)  # fmt: skip
+            req = Request(
+                f"{prefix}-{i}",
+                prompt_token_ids=synthesize_prompt(rec),
+                max_tokens=rec.output_tokens,
+                ignore_eos=True,
+            )
         else:
-            req = Request(f"{prefix}-{i}", prompt_len=rec.prompt_tokens, max_tokens=rec.output_tokens,
-                          prompt_block_hashes=prompt_block_hashes(rec, block_size), ignore_eos=True)  # fmt: skip
+            req = Request(
+                f"{prefix}-{i}",
+                prompt_len=rec.prompt_tokens,
+                max_tokens=rec.output_tokens,
+                prompt_block_hashes=prompt_block_hashes(rec, block_size),
+                ignore_eos=True,
+            )
         yield rec.arrival_s, req

@@ -187,7 +187,8 @@ class EngineMetrics:
 
         def counter(name: str, doc: str, value: float) -> Iterator[str]:
             # text format 0.0.4 as prometheus_client writes a Counter: HELP/TYPE carry the _total name
-            yield f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n{name}_total{lab} {float(value)!r}\n"
+            yield f"# HELP {name}_total {doc}\n# TYPE {name}_total counter\n"
+            yield f"{name}_total{lab} {float(value)!r}\n"
 
         def hist(name: str, doc: str, h: Histogram) -> Iterator[str]:
             yield f"# HELP {name} {doc}\n# TYPE {name} histogram\n"

@@ -51,6 +51,8 @@ class StepCost:
     compute_efficiency: float = 0.55
     overhead_s: float = 0.0015
     tp_allreduce_s_per_layer: float = 1.5e-5
+    # 1: memory and compute overlap fully (pure roofline, max); 0: they add up (no overlap)
+    overlap: float = 1.0
 
 
 @cache
@@ -85,6 +87,10 @@ class EngineConfig:
     num_gpu_blocks: int | None = None  # override the sizing (tests, small engines)
     served_model_name: str | None = None  # what /v1/models and the model_name label say
     step_cost: StepCost | None = None  # override the calibrated factors
+    # override the catalog GPU's figures (a GPU the catalog lacks, e.g. A100-40GB in calibration)
+    gpu_memory_gib: float | None = None
+    hbm_tb_s: float | None = None
+    bf16_tflops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,24 @@ def resolve(config: EngineConfig) -> ResolvedConfig:
     Raises `gpufleet.stacks.catalog.CatalogError` for unknown keys and
     `gpufleet.serving.sizing.SizingError` when the model does not fit.
     """
+    import dataclasses
+
     from gpufleet.serving.sizing import KV_DTYPE_BYTES, plan_engine
     from gpufleet.stacks import catalog
 
     model = catalog.model(config.model)
     gpu = catalog.gpu(config.gpu)
+    overrides = {
+        k: v
+        for k, v in (
+            ("memory_gib", config.gpu_memory_gib),
+            ("hbm_tb_s", config.hbm_tb_s),
+            ("bf16_tflops", config.bf16_tflops),
+        )
+        if v is not None
+    }
+    if overrides:
+        gpu = dataclasses.replace(gpu, **overrides)
     tp = config.tensor_parallel_size
     if tp < 1:
         raise ValueError("tensor_parallel_size must be at least 1")
@@ -381,6 +400,7 @@ class StepPlan:
     c: float
     d: float
     slow: float = 1.0
+    overlap: float = 1.0
 
     @property
     def decode_window(self) -> bool:
@@ -388,7 +408,8 @@ class StepPlan:
 
     def step_time(self, s: int) -> float:
         m, k = self.a + self.b * s, self.c + self.d * s
-        return (self.base + (m if m > k else k)) * self.slow
+        hi, lo = (m, k) if m > k else (k, m)
+        return (self.base + hi + (1.0 - self.overlap) * lo) * self.slow
 
     def time_of(self, k: int) -> float:
         """Seconds the first k steps take (closed form: two arithmetic series)."""
@@ -412,6 +433,8 @@ class StepPlan:
                 total = series(a, b, 0, cross) + series(c, d, cross, k)
             else:
                 total = series(c, d, 0, cross) + series(a, b, cross, k)
+        if self.overlap < 1.0:  # + (1 - overlap) * sum(min) = sum(m) + sum(c) - sum(max)
+            total += (1.0 - self.overlap) * (series(a, b, 0, k) + series(c, d, 0, k) - total)
         return (k * self.base + total) * self.slow
 
     def steps_done_by(self, elapsed: float) -> tuple[int, float]:
@@ -731,6 +754,7 @@ class Engine:
             c=(tokens * cfg.flops_per_token + attn * attn_f) / fl,
             d=n_seqs * attn_f / fl,
             slow=self.slowdown,
+            overlap=c.overlap,
         )
 
     def _all_hashes(self, req: Request) -> list[int]:

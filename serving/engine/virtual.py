@@ -6,7 +6,8 @@ never fork scheduling logic. A fleet simulator builds one `VirtualLoop`, any num
 each engine's `stats()`:
 
     loop = VirtualLoop()
-    engines = [VirtualEngine(loop, EngineConfig(model="llama-3.1-8b", gpu="H100"), name=f"e{i}") for i in range(48)]
+    cfg = EngineConfig(model="llama-3.1-8b", gpu="H100")
+    engines = [VirtualEngine(loop, cfg, name=f"e{i}") for i in range(48)]
     def arrive(rec):
         eng = max(engines, key=lambda e: e.stats().free_tokens)          # a router policy
         loop.submit(eng, Request(..), on_first_token=..., on_finish=...)

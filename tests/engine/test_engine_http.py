@@ -64,8 +64,13 @@ def test_metrics_names_labels_and_types_a_router_reads(emu):
         assert fams[g].type == "gauge"
         assert fams[g].samples[0].labels == {"model_name": model, "engine": "0"}
     # the parser strips _total from the family name; the sample keeps it, as scraped
-    for c in ["vllm:num_preemptions", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits",
-              "vllm:prompt_tokens", "vllm:generation_tokens"]:  # fmt: skip
+    for c in [
+        "vllm:num_preemptions",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+    ]:
         assert fams[c].type == "counter"
         assert fams[c].samples[0].name == c + "_total"
         assert fams[c].samples[0].labels == {"model_name": model, "engine": "0"}
@@ -77,9 +82,14 @@ def test_metrics_names_labels_and_types_a_router_reads(emu):
     assert labels["block_size"] == "16" and labels["num_gpu_blocks"] == "200"
     assert labels["engine"] == "0" and "model_name" not in labels
     assert {"gpu_memory_utilization", "cache_dtype", "enable_prefix_caching"} <= set(labels)
-    for h in ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-              "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
-              "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds"]:  # fmt: skip
+    for h in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+    ]:
         assert fams[h].type == "histogram"
         names = {s.name for s in fams[h].samples}
         assert {h + "_bucket", h + "_sum", h + "_count"} <= names
@@ -232,8 +242,13 @@ def test_fault_admin_api_needs_the_token_and_injects_faults():
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         got = []
         with pytest.raises(Exception):  # noqa: B017 - the connection is cut mid-stream
-            for chunk in client.completions.create(model=h.engine.cfg.served_model_name, prompt="p", max_tokens=20,
-                                                   stream=True, extra_body={"ignore_eos": True}):  # fmt: skip
+            for chunk in client.completions.create(
+                model=h.engine.cfg.served_model_name,
+                prompt="p",
+                max_tokens=20,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            ):
                 got.append(chunk)
         assert len(got) == 3
         # slow: a step takes slow_factor times longer

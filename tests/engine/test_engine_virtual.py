@@ -9,7 +9,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from gpufleet.serving import traces
 from gpufleet.serving.engine.model import Engine, EngineConfig, Request, leak_check
 from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop, replay
@@ -142,9 +141,8 @@ def test_public_traces_read(traces_dir):
 
 
 def test_cli_rejects_bad_input_with_exit_2():
-    from typer.testing import CliRunner
-
     from gpufleet.cli.app import app
+    from typer.testing import CliRunner
 
     runner = CliRunner()
     result = runner.invoke(app, ["engine", "emulate", "--model", "no-such-model", "--port", "0"])
