@@ -121,7 +121,7 @@ class _CountingEngine(Engine):
 
 
 class _SimEngine:
-    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "dirty", "room")
+    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "room")
 
     def __init__(self, eid: str, region: str, v: VirtualEngine) -> None:
         self.id = eid
@@ -130,7 +130,7 @@ class _SimEngine:
         self.alive = True
         self.stats = None
         self.sampled_at: float | None = None
-        self.dirty = True
+        self.stamp: tuple[int, int] | None = None  # engine state the cached stats were read at
         self.room = 0.0
 
     @property
@@ -540,7 +540,6 @@ class Simulator:
         )
         job.live = req
         eng.v.submit(req)
-        eng.dirty = True
 
     def _first_token(self, req: Request, t: float) -> None:
         job = req.user_data[0]
@@ -620,9 +619,12 @@ class Simulator:
                     e.sampled_at = None
                     router.down.add(e.id)
                     continue
-                if e.dirty or e.stats is None:
-                    st = e.stats = e.engine.stats()
-                    e.dirty = False
+                # Re-read the stats only when the engine stepped or took a request since last time.
+                eng = e.engine
+                stamp = (eng.num_steps, len(eng.requests))
+                if stamp != e.stamp or e.stats is None:
+                    st = e.stats = eng.stats()
+                    e.stamp = stamp
                     # the summary's headroom before accounting: free minus the waiting estimate
                     e.room = st.free_tokens - st.num_waiting * per_waiting
                 e.sampled_at = now
@@ -690,7 +692,7 @@ class Simulator:
         self.events.append((now, f"{region} restored"))
         for e in self.routers[region].engines:
             e.alive = True
-            e.dirty = True
+            e.stamp = None
 
     # -- results --------------------------------------------------------------------------------------
 

@@ -1,0 +1,148 @@
+"""The fleet simulator: determinism, failures, residency, the policies' ordering, scale, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gpufleet.serving import loadgen
+from gpufleet.serving.outcomes import FAILED, OK
+from gpufleet.serving.sim.core import Failure, SimConfig, SimError, Simulator
+
+DEMO = ("aws-us-west-2", "gcp-us-central1", "azure-eastus")
+
+
+def _items(seconds=120.0, load=4.0, seed=3):
+    return loadgen.synthetic("conv", seconds, load, seed)
+
+
+def test_failure_spec_parsing():
+    assert Failure.parse("aws-us-east-1@30") == Failure("aws-us-east-1", 30.0, None)
+    assert Failure.parse("eu@10+5") == Failure("eu", 10.0, 15.0)
+    for bad in ("aws", "@3", "x@", "x@a", "x@3+0", "x@-1"):
+        with pytest.raises(SimError):
+            Failure.parse(bad)
+
+
+def test_unknown_failure_region_is_refused(example_fleet):
+    with pytest.raises(SimError, match="nowhere"):
+        Simulator(example_fleet, SimConfig(failures=[Failure("nowhere", 1.0)]))
+
+
+def test_runs_are_deterministic_and_complete(example_fleet):
+    items = _items(60, 2)
+    a = Simulator(example_fleet, SimConfig(engines_per_region=1, regions=DEMO)).run(items)
+    b = Simulator(example_fleet, SimConfig(engines_per_region=1, regions=DEMO)).run(items)
+    assert [r.ttft_s for r in a.records] == [r.ttft_s for r in b.records]
+    assert a.summary.requests == len(items)
+    assert all(r.outcome == OK for r in a.records)
+    assert a.summary.output_tokens == sum(i.max_tokens for i in items)
+    assert a.cost_per_million_tokens and a.cost_per_million_tokens > 0
+    assert set(a.utilisation) == set(DEMO) and all(0 <= u <= 1 for u in a.utilisation.values())
+
+
+def test_headroom_beats_round_robin_when_a_small_region_overloads(example_fleet):
+    items = _items(300, 4)
+    good = {}
+    for p in ("headroom", "round-robin", "least-outstanding"):
+        r = Simulator(example_fleet, SimConfig(policy=p, engines_per_region=1, regions=DEMO)).run(items)
+        good[p] = r.summary.goodput_rps
+        if p == "round-robin":
+            assert r.preemptions > 0 and sum(r.spills.values()) == 0
+    assert good["headroom"] > 1.2 * good["round-robin"]
+    assert good["headroom"] > 1.2 * good["least-outstanding"]
+
+
+def test_region_failure_loses_no_request_and_continues_streams(example_fleet):
+    items = _items(120, 2)
+    fail = Failure("gcp-us-central1", 40.0, 80.0)
+    r = Simulator(example_fleet, SimConfig(engines_per_region=1, regions=DEMO, failures=[fail])).run(items)
+    assert r.failed_during_failure == 0
+    assert r.summary.failed == 0
+    assert r.summary.continued > 0  # streams in flight at the failure were continued elsewhere
+    during = [x for x in r.records if 41 <= x.arrival_s < 80 and x.outcome == OK]
+    assert during and all(x.region != "gcp-us-central1" for x in during)
+    assert [what for _, what in r.events] == ["gcp-us-central1 down", "gcp-us-central1 restored"]
+
+
+def test_residency_keeps_eu_requests_in_the_eu(example_fleet):
+    items = _items(120, 6)
+    r = Simulator(example_fleet, SimConfig(engines_per_region=1)).run(items)
+    eu = {"gcp-europe-west4", "azure-westeurope"}
+    for rec in r.records:
+        if rec.outcome == OK and rec.client_region in eu:
+            assert rec.region in eu
+    assert any(rec.spilled for rec in r.records)
+
+
+def test_mooncake_prefixes_hit_the_prefix_cache(example_fleet, traces_dir):
+    from dataclasses import replace
+
+    trace = traces_dir / "mooncake_synthetic_trace.jsonl.gz"
+    items = loadgen.clip(loadgen.from_trace(trace, duration_s=120, load_scale=0.5), 32768)
+    cfg = SimConfig(engines_per_region=1, regions=("gcp-us-central1",))
+    shared = Simulator(example_fleet, cfg).run(items)
+    unique = Simulator(example_fleet, cfg).run([replace(i, hash_ids=()) for i in items])
+    assert shared.prefix_hit_rate > 0.03  # the trace's hash_ids repeat: the cache finds them
+    assert unique.prefix_hit_rate == 0.0
+
+
+def test_twenty_region_fleet_builds_500_engines(repo_root):
+    from gpufleet.stacks.fleetfile import load_fleet
+
+    fleet = load_fleet(repo_root / "tests" / "bench" / "fleet_20_regions.yaml")
+    sim = Simulator(fleet, SimConfig())
+    assert len(sim.engines) == 500 and len(sim.routers) == 20
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gpufleet.cli.app", "simulate", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_cli_json_and_bad_input(repo_root):
+    r = _cli(
+        "--trace",
+        "builtin:conv",
+        "--duration",
+        "30",
+        "--engines-per-region",
+        "1",
+        "-p",
+        "all",
+        "--json",
+        "--fail",
+        "aws-us-east-1@10+5",
+        cwd=repo_root,
+    )
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)
+    assert [x["policy"] for x in runs] == ["headroom", "round-robin", "least-outstanding"]
+    assert all(x["failure"] == "aws-us-east-1@10+5" for x in runs)
+    for args, needle in (
+        (("--trace", "missing.csv"), "missing.csv"),
+        (("--trace", "builtin:conv", "-p", "random"), "random"),
+        (("--trace", "builtin:conv", "--fail", "x"), "REGION@SECONDS"),
+        (("--trace", "builtin:conv", "--load-scale", "0"), "positive"),
+        (("--trace", "builtin:conv", "--fleet", "nope.yaml"), "nope.yaml"),
+    ):
+        r = _cli(*args, cwd=repo_root)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_failed_outcome_is_counted(example_fleet):
+    # every engine of a one-region fleet down for good: requests cannot be served, and say so
+    items = _items(20, 1)
+    r = Simulator(
+        example_fleet,
+        SimConfig(engines_per_region=1, regions=("aws-us-west-2",), failures=[Failure("aws-us-west-2", 5.0)]),
+    ).run(items)
+    late = [x for x in r.records if x.arrival_s > 6]
+    assert late and all(x.outcome != OK for x in late)
+    assert r.summary.failed + r.summary.rejected == sum(1 for x in r.records if x.outcome != OK)
+    assert FAILED in {x.outcome for x in r.records} or r.summary.rejected
