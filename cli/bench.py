@@ -1,9 +1,111 @@
-"""gpufleet bench: not built yet."""
+"""gpufleet bench: the routing experiments over real HTTP (and in the simulator), with a report."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import typer
+from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail
+
+POLICIES = ("headroom", "round-robin", "least-outstanding")
+# ../shared/traces beside the repository (the traces are shared data, never copied in)
+DEFAULT_TRACE = Path("..") / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("bench")
+    def bench(
+        fleet: Path = typer.Option(DEFAULT_FLEET, "--fleet", "-f", help="fleet file"),
+        trace: Path = typer.Option(DEFAULT_TRACE, "--trace", "-t", help="trace file to replay"),
+        load: list[float] = typer.Option(
+            [1.0, 2.0, 4.0], "--load-scale", "-x", help="x the trace rate (repeat)"
+        ),
+        duration: float = typer.Option(120.0, "--duration", help="model seconds of trace per run"),
+        time_scale: float = typer.Option(2.0, "--time-scale", help="engine seconds per wall second"),
+        region: list[str] = typer.Option([], "--region", help="regions (default: the demo's three)"),
+        engines: int = typer.Option(1, "--engines-per-region", min=1, max=8),
+        blocks: int | None = typer.Option(None, "--num-gpu-blocks", min=16, help="shrink engines (loopback)"),
+        fail_region: str | None = typer.Option(
+            None, "--fail-region", help="region whose engines die mid-run"
+        ),
+        sim: bool = typer.Option(True, "--sim/--no-sim", help="also run each experiment in the simulator"),
+        http: bool = typer.Option(True, "--http/--no-http", help="run the experiments over HTTP"),
+        peer: bool = typer.Option(True, "--peer/--no-peer", help="vllm-router side by side, where installed"),
+        report_dir: Path = typer.Option(Path("results/bench"), "--report-dir"),
+    ) -> None:
+        """Round-robin, least-outstanding and headroom (and vllm-router) on the same trace slices."""
+        if duration <= 0 or time_scale <= 0 or any(x <= 0 for x in load):
+            fail("--duration, --time-scale and --load-scale must be positive")
+        if not trace.is_file():
+            fail(f"--trace {trace}: no such file (the public traces live in ../shared/traces)")
+        from gpufleet.cli.common import console, load_fleet_or_exit
+        from gpufleet.serving import loadgen
+        from gpufleet.serving.bench import PEER_POLICIES, Setup, http_run, peer_router_available, sim_run
+        from gpufleet.serving.demo import DEMO_REGIONS
+        from gpufleet.serving.fleetrun import FleetRunError
+        from gpufleet.serving.report import write_report
+
+        spec = load_fleet_or_exit(fleet)
+        keys = {r.key for r in spec.regions}
+        regions = tuple(region) or tuple(k for k in DEMO_REGIONS if k in keys) or tuple(sorted(keys)[:3])
+        bad = [k for k in (*regions, *([fail_region] if fail_region else [])) if k not in keys]
+        if bad:
+            fail(f"region {bad[0]!r} is not in {fleet}; regions: {', '.join(sorted(keys))}")
+        fail_region = fail_region or regions[1 % len(regions)]
+        out = console()
+        policies = list(POLICIES)
+        notes = [
+            f"fleet {fleet}: regions {', '.join(regions)}, {engines} engine(s) each"
+            + (f", {blocks} KV blocks per engine" if blocks else ""),
+            f"trace {trace.name}, {duration:g} s slices, HTTP time scale x{time_scale:g}",
+        ]
+        if peer and http:
+            if peer_router_available():
+                policies += [f"vllm-router:{p}" for p in PEER_POLICIES]
+            else:
+                notes.append("vllm-router is not installed (pip install vllm-router): no peer-router runs")
+        runs = []
+        try:
+            with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as work:
+                for x in load:
+                    items = loadgen.from_trace(trace, load_scale=x, duration_s=duration * x)
+                    if blocks:
+                        items = loadgen.clip(items, blocks * 16 // 2)
+                    items = loadgen.assign_clients(items, list(regions))
+                    failing = x == max(load)
+                    for fail_it in (False, True) if failing else (False,):
+                        setup = Setup(
+                            spec,
+                            regions,
+                            engines,
+                            blocks,
+                            fail_region if fail_it else None,
+                            duration / 3 if fail_it else None,
+                            duration / 3 if fail_it else None,
+                        )
+                        for p in policies:
+                            if sim and not p.startswith("vllm-router"):
+                                runs.append(sim_run(setup, items, p, trace.name, x))
+                                _line(out, runs[-1])
+                            if http:
+                                runs.append(
+                                    http_run(setup, items, p, trace.name, x, time_scale, Path(work) / p)
+                                )
+                                _line(out, runs[-1])
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (FleetRunError, loadgen.WorkloadError) as exc:
+            fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, loadgen.WorkloadError) else 3)
+        path = write_report(runs, report_dir, title="gpufleet bench", notes=notes)
+        out.print(f"report: {path}")
+
+
+def _line(out, run) -> None:
+    s = run.summary
+    p99 = "inf" if s.ttft_p99_s is None or s.ttft_p99_s == float("inf") else f"{1000 * s.ttft_p99_s:.0f} ms"
+    out.print(
+        f"{run.driver:4} {run.policy:26} x{run.load_scale:<4g} fail={run.failure or '-':28} "
+        f"goodput {s.goodput_rps:6.2f}/s SLO {100 * s.slo_attainment:5.1f}% p99 TTFT {p99:>9} "
+        f"failed {s.failed} (in failure {run.failed_during_failure}) 429 {s.rejected}"
+    )

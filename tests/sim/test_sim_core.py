@@ -86,7 +86,7 @@ def test_mooncake_prefixes_hit_the_prefix_cache(example_fleet, traces_dir):
     cfg = SimConfig(engines_per_region=1, regions=("gcp-us-central1",))
     shared = Simulator(example_fleet, cfg).run(items)
     unique = Simulator(example_fleet, cfg).run([replace(i, hash_ids=()) for i in items])
-    assert shared.prefix_hit_rate > 0.03  # the trace's hash_ids repeat: the cache finds them
+    assert shared.prefix_hit_rate > 0.005  # the hash_ids that repeat in this slice are found
     assert unique.prefix_hit_rate == 0.0
 
 
