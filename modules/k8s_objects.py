@@ -1,0 +1,355 @@
+"""The ONE description of what runs on each cluster, as Kubernetes API objects (plain dicts).
+
+Two renderers read it: the cdktn constructs (`k8s_serving.py`, `k8s_router.py`, through `k8s_tf.py`)
+turn each object into the kubernetes provider's typed resource, and `gpufleet manifests` dumps it
+as YAML for kubectl and Helm users. Nothing here imports cdktn, so the manifests command stays fast.
+
+Per region:
+  Namespace; ConfigMap with the fleet file (endpoints filled in for the in-cluster router);
+  engines: Deployment (vLLM via `gpufleet engine launch`), PodDisruptionBudget, Service, headless
+  Service (the router's engine discovery: its A records are the ready engine pods);
+  router: Deployment (>= 2 replicas), PodDisruptionBudget, Service of type LoadBalancer.
+The router's admin token Secret is NOT described here: its value must never appear in a manifest
+(Terraform generates it with random_password; kubectl users create it, see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gpufleet.modules.cluster import GPU_RESOURCE, GPU_TAINT_EFFECT, GPU_TAINT_KEY, LABEL_GPU
+
+if TYPE_CHECKING:
+    from gpufleet.stacks.spec import Fleet, Region
+
+Obj = dict[str, Any]
+
+NAMESPACE = "gpufleet"
+FLEET_CONFIGMAP = "gpufleet-fleet"
+FLEET_DIR = "/etc/gpufleet"
+FLEET_KEY = "fleet.yaml"
+ENGINE = "gpufleet-engine"
+ENGINE_HEADLESS = "gpufleet-engine-headless"
+ROUTER = "gpufleet-router"
+ADMIN_SECRET = "gpufleet-router-admin"
+ADMIN_SECRET_KEY = "token"
+HF_SECRET = "huggingface"  # optional: gated models (Llama) need a Hugging Face token
+ENGINE_PORT = 8000  # vLLM's port: /health, /metrics, the OpenAI API
+ROUTER_PORT = 8080
+RUN_AS_UID = 10001  # the serving image's non-root user (serving/Dockerfile)
+DEFAULT_IMAGE = "gpufleet-serving:0.1.0"  # push serving/Dockerfile's image to a registry and pass its name
+
+# Model load (download + weights to GPU + CUDA graphs) takes minutes; the startup probe allows
+# STARTUP_FAILURES x STARTUP_PERIOD_S = 15 minutes before the kubelet restarts the container.
+STARTUP_PERIOD_S = 10
+STARTUP_FAILURES = 90
+SHM_SIZE = "16Gi"  # NCCL between tensor-parallel ranks goes through /dev/shm
+MODEL_CACHE_SIZE = "150Gi"  # GPU nodes get 200 GiB disks (modules/cluster.py GpuPoolProps.disk_gib)
+
+
+@dataclass(frozen=True)
+class RegionWorkload:
+    """The numbers one region's objects are built from."""
+
+    region_key: str
+    cloud: str
+    gpu: str
+    model_name: str
+    tensor_parallel_size: int
+    gpus_per_node: int
+    max_nodes: int
+    image: str
+
+    @property
+    def engine_replicas(self) -> int:
+        # Every GPU of the pool at max size runs an engine shard; min 0 nodes means the cluster
+        # autoscaler adds nodes for the pending pods, up to the pool's max.
+        return max(1, self.max_nodes * self.gpus_per_node // self.tensor_parallel_size)
+
+
+def workload(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> RegionWorkload:
+    model = fleet.model_for(region)
+    it = region.instance(model.tensor_parallel_size)
+    return RegionWorkload(
+        region_key=region.key,
+        cloud=region.cloud.value,
+        gpu=region.gpu,
+        model_name=model.name,
+        tensor_parallel_size=model.tensor_parallel_size,
+        gpus_per_node=it.gpus,
+        max_nodes=region.nodes.max,
+        image=image,
+    )
+
+
+def engines_dns() -> str:
+    """What the router resolves to find the engines: the headless Service, one A record per ready pod."""
+    return f"{ENGINE_HEADLESS}.{NAMESPACE}.svc.cluster.local:{ENGINE_PORT}"
+
+
+def peer_router_url(fleet: Fleet, region: Region) -> str | None:
+    """The per-region name the global-traffic stack creates for each router (peers forward to it)."""
+    if fleet.settings.dns is None:
+        return None
+    return f"http://{region.key}.{fleet.settings.dns.record}"
+
+
+def in_cluster_fleet_yaml(fleet: Fleet) -> str:
+    """The fleet file as the in-cluster router and launcher read it: endpoints the user left empty are
+    filled with the headless Service (same name in every cluster) and the peers' regional DNS names."""
+    import yaml
+
+    data = fleet.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    for raw, region in zip(data["regions"], fleet.regions, strict=True):
+        ep = raw.setdefault("endpoints", {})
+        if not ep.get("engines") and not ep.get("engines_dns"):
+            ep["engines_dns"] = engines_dns()
+        url = peer_router_url(fleet, region)
+        if not ep.get("router") and url:
+            ep["router"] = url
+    header = (
+        "# Rendered by gpufleet for the in-cluster router and engine launcher; edit the source fleet file.\n"
+    )
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def _labels(component: str, fleet: Fleet) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": ENGINE if component == "engine" else ROUTER,
+        "app.kubernetes.io/instance": fleet.fleet,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def _meta(name: str, labels: dict[str, str], **extra: Any) -> Obj:
+    return {
+        "name": name,
+        "namespace": NAMESPACE,
+        "labels": {
+            **labels,
+            "app.kubernetes.io/part-of": "gpufleet",
+            "app.kubernetes.io/managed-by": "gpufleet",
+        },
+        **extra,
+    }
+
+
+def _scrape(port: int) -> dict[str, str]:
+    # The prometheus.io/* convention (Prometheus' kubernetes_sd relabel examples, most charts).
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def _http_probe(period: int, failures: int, timeout: int = 5) -> Obj:
+    return {
+        "httpGet": {"path": "/health", "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def namespace_objects(fleet: Fleet) -> list[Obj]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": NAMESPACE, "labels": {"app.kubernetes.io/part-of": "gpufleet"}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(FLEET_CONFIGMAP, {"app.kubernetes.io/instance": fleet.fleet}),
+            "data": {FLEET_KEY: in_cluster_fleet_yaml(fleet)},
+        },
+    ]
+
+
+def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
+    labels = _labels("engine", fleet)
+    gpus = str(w.tensor_parallel_size)
+    container = {
+        "name": "vllm",
+        "image": w.image,
+        # The image's ENTRYPOINT is `gpufleet engine launch`: it probes the GPUs and execs vLLM.
+        "args": ["--fleet", f"{FLEET_DIR}/{FLEET_KEY}", "--region", w.region_key, "--model", w.model_name],
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "env": [
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}},
+            },
+        ],
+        "resources": {"limits": {GPU_RESOURCE: gpus}, "requests": {GPU_RESOURCE: gpus}},
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": "/root/.cache/huggingface"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
+        ],
+        "startupProbe": _http_probe(STARTUP_PERIOD_S, STARTUP_FAILURES),
+        "readinessProbe": _http_probe(5, 3),
+        "livenessProbe": _http_probe(10, 6),
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
+        "nodeSelector": {LABEL_GPU: w.gpu},
+        "tolerations": [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": GPU_TAINT_EFFECT}],
+        "terminationGracePeriodSeconds": 60,  # let running requests finish
+        "containers": [container],
+        "volumes": [
+            {"name": "model-cache", "emptyDir": {"sizeLimit": MODEL_CACHE_SIZE}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+            {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
+        ],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(ENGINE, labels),
+        "spec": {
+            "replicas": w.engine_replicas,
+            "selector": {"matchLabels": labels},
+            # GPUs are scarce: replace pods one at a time, never ask for an extra GPU to surge.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": {"labels": labels, "annotations": _scrape(ENGINE_PORT)}, "spec": pod},
+        },
+    }
+    ports = [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}]
+    return [
+        deployment,
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(ENGINE, labels),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ENGINE, labels, annotations=_scrape(ENGINE_PORT)),
+            "spec": {"type": "ClusterIP", "selector": labels, "ports": ports},
+        },
+        # Headless: DNS answers with the ready pods' IPs, so the router scrapes each engine itself.
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ENGINE_HEADLESS, labels),
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": ports,
+                "publishNotReadyAddresses": False,
+            },
+        },
+    ]
+
+
+def _lb_annotations(cloud: str) -> dict[str, str]:
+    if cloud == "aws":
+        # In-tree controller: a Network Load Balancer (TCP, keeps long streams) instead of a Classic ELB.
+        return {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+    return {}
+
+
+def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[Obj]:
+    labels = _labels("router", fleet)
+    settings = fleet.router
+    container = {
+        "name": "router",
+        "image": w.image,
+        "command": ["gpufleet"],
+        "args": [
+            "router",
+            "serve",
+            "--fleet",
+            f"{FLEET_DIR}/{FLEET_KEY}",
+            "--region",
+            w.region_key,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(ROUTER_PORT),
+        ],
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "env": [
+            {
+                "name": settings.admin_token_env,
+                "valueFrom": {"secretKeyRef": {"name": ADMIN_SECRET, "key": ADMIN_SECRET_KEY}},
+            },
+        ],
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True}],
+        "readinessProbe": _http_probe(5, 3, 2),
+        # Liveness on TCP only: /health may report "no engines" while GPU nodes scale up from zero,
+        # and restarting the router would not help that.
+        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10, "failureThreshold": 3},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
+        "containers": [container],
+        "volumes": [{"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}}],
+        # Replicas on different nodes, so one node's loss leaves a router up.
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": labels},
+            }
+        ],
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(ROUTER, labels),
+            "spec": {
+                "replicas": max(2, replicas),
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": _scrape(ROUTER_PORT)},
+                    "spec": pod,
+                },
+            },
+        },
+        {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": _meta(ROUTER, labels),
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ROUTER, labels, annotations=_lb_annotations(w.cloud)),
+            "spec": {
+                "type": "LoadBalancer",
+                "selector": labels,
+                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+            },
+        },
+    ]
+
+
+def region_objects(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> list[Obj]:
+    """Everything one region's cluster runs, in apply order."""
+    w = workload(fleet, region, image)
+    return namespace_objects(fleet) + engine_objects(fleet, w) + router_objects(fleet, w)
+
+
+def admin_secret_object(token_reference: str) -> Obj:
+    """The admin Secret, for the Terraform renderer only: `token_reference` is a Terraform reference
+    (random_password.result) that the kubernetes provider resolves and base64-encodes at apply."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(ADMIN_SECRET, {"app.kubernetes.io/component": "router"}),
+        "data": {ADMIN_SECRET_KEY: token_reference},
+    }
