@@ -66,7 +66,8 @@ class Model:
         return 2 * self.layers * heads_per_shard * self.head_dim * dtype_bytes
 
     def weight_bytes(self, dtype_bytes: int = 2) -> int:
-        return int(self.params_b * 1e9 * dtype_bytes)
+        # round, not int: 8.03 * 1e9 is 8029999999.999999 in floating point
+        return round(self.params_b * 1e9) * dtype_bytes
 
     @property
     def flops_per_token(self) -> float:
