@@ -322,9 +322,7 @@ def _zone_names(pool: GpuPool) -> list[str]:
     """Zones named by the pool itself (AWS pools name subnets, not zones: nothing to check there)."""
     if pool.cloud == "aws" or not pool.zones:
         return []
-    if pool.cloud == "azure" and pool.region:
-        return [f"{pool.region}-{z}" if z in ("1", "2", "3") else z for z in pool.zones]
-    return pool.zones
+    return pool.zones  # GCP: us-central1-a; Azure: "1", "2", "3", as the snapshot lists them
 
 
 @policy(
