@@ -18,19 +18,35 @@ from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_ENVIRONMENT,
 
 def launch(
     fleet: Path = typer.Option(DEFAULT_FLEET, "--fleet", "-f", envvar="GPUFLEET_FLEET", help="fleet file"),
-    model: str | None = typer.Option(None, "--model", envvar="GPUFLEET_MODEL",
-                                     help="served model name; default: the region's model or the first"),
-    region: str | None = typer.Option(None, "--region", envvar="GPUFLEET_REGION",
-                                      help="region id (<cloud>-<region>), to pick its model"),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        envvar="GPUFLEET_MODEL",
+        help="served model name; default: the region's model or the first",
+    ),
+    region: str | None = typer.Option(
+        None, "--region", envvar="GPUFLEET_REGION", help="region id (<cloud>-<region>), to pick its model"
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the vLLM command instead of running it"),
     probe_file: Path | None = typer.Option(
-        None, "--probe-file", envvar="GPUFLEET_PROBE_FILE",
-        help='JSON list of {"name", "total", "free"} (bytes) standing in for the GPU probe'),
-    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", min=0.1, max=0.99,
-                                                 help="fraction of each GPU's total memory for vLLM"),
+        None,
+        "--probe-file",
+        envvar="GPUFLEET_PROBE_FILE",
+        help='JSON list of {"name", "total", "free"} (bytes) standing in for the GPU probe',
+    ),
+    gpu_memory_utilization: float = typer.Option(
+        0.9,
+        "--gpu-memory-utilization",
+        min=0.1,
+        max=0.99,
+        help="fraction of each GPU's total memory for vLLM",
+    ),
     allow_shorter: bool = typer.Option(
-        False, "--allow-shorter-max-model-len", envvar="GPUFLEET_ALLOW_SHORTER_MAX_MODEL_LEN",
-        help="when one full-length sequence does not fit, serve the longest max_model_len that does"),
+        False,
+        "--allow-shorter-max-model-len",
+        envvar="GPUFLEET_ALLOW_SHORTER_MAX_MODEL_LEN",
+        help="when one full-length sequence does not fit, serve the longest max_model_len that does",
+    ),
     host: str = typer.Option("0.0.0.0", "--host", help="address vLLM listens on"),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="vLLM's HTTP port"),
 ) -> None:
@@ -45,12 +61,22 @@ def launch(
         fail(str(exc), EXIT_BAD_INPUT)
     if not found.gpus:
         tried = "; ".join(found.tried) or "no probe ran"
-        fail(f"no GPU is visible to this process ({tried}). On Kubernetes the pod needs an nvidia.com/gpu "
-             "limit and a node with the NVIDIA device plugin; with Docker, --gpus all.", EXIT_ENVIRONMENT)
+        fail(
+            f"no GPU is visible to this process ({tried}). On Kubernetes the pod needs an nvidia.com/gpu "
+            "limit and a node with the NVIDIA device plugin; with Docker, --gpus all.",
+            EXIT_ENVIRONMENT,
+        )
     try:
-        plan = plan_launch(spec, found.gpus, model=model, region=region,
-                           gpu_memory_utilization=gpu_memory_utilization,
-                           allow_shorter_max_model_len=allow_shorter, host=host, port=port)
+        plan = plan_launch(
+            spec,
+            found.gpus,
+            model=model,
+            region=region,
+            gpu_memory_utilization=gpu_memory_utilization,
+            allow_shorter_max_model_len=allow_shorter,
+            host=host,
+            port=port,
+        )
     except LaunchError as exc:
         fail(str(exc), exc.code)
     typer.echo(f"GPU probe: {found.source}, {len(found.gpus)} GPU(s)")
@@ -61,8 +87,10 @@ def launch(
         typer.echo(f"dry run: {shlex.join(command)}")
         return
     if shutil.which(command[0]) is None:
-        fail(f"{command[0]!r} is not on PATH: run this inside the serving image, or use --dry-run",
-             EXIT_ENVIRONMENT)
+        fail(
+            f"{command[0]!r} is not on PATH: run this inside the serving image, or use --dry-run",
+            EXIT_ENVIRONMENT,
+        )
     typer.echo(f"exec: {shlex.join(command)}")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -124,8 +124,10 @@ def plan_launch(
         expected = catalog_gpu(reg.gpu)
         names = (reg.gpu.split("-")[0], *expected.aliases)
         if not any(n.casefold() in smallest.name.casefold() for n in names):
-            notes.append(f"region {reg.key} expects {expected.key} GPUs but found {smallest.name}; "
-                         "sizing for what is here")
+            notes.append(
+                f"region {reg.key} expects {expected.key} GPUs but found {smallest.name}; "
+                "sizing for what is here"
+            )
     try:
         engine = fit_engine(
             spec.shape,

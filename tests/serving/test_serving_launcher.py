@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import pytest
-
 from gpufleet.serving import gpu_probe
 from gpufleet.serving.gpu_probe import GpuInfo, ProbeError, parse_fake, parse_nvidia_smi
 from gpufleet.serving.launcher import LaunchError, plan_launch
@@ -30,20 +29,24 @@ NON_TORCH = 1 * GIB
 
 
 def fleet(model: str, max_model_len: int, tp: int, cloud: str, region: str, gpu: str, extra: str = ""):
-    text = textwrap.dedent(f"""\
+    text = (
+        textwrap.dedent(f"""\
         fleet: tf
         models:
           - name: m
             catalog: {model}
             max_model_len: {max_model_len}
             tensor_parallel_size: {tp}
-        """) + textwrap.indent(extra, "    ") + textwrap.dedent(f"""\
+        """)
+        + textwrap.indent(extra, "    ")
+        + textwrap.dedent(f"""\
         regions:
           - cloud: {cloud}
             region: {region}
             gpu: {gpu}
             nodes: {{max: 1}}
         """)
+    )
     return parse_fleet(text)
 
 
@@ -66,7 +69,11 @@ def test_llama_8b_on_one_h100():
     blocks = kv // (per_token * 16)
     assert (kv, blocks) == (59029680793, 28147)
     e = plan.engine
-    assert (e.weight_bytes_per_gpu, e.kv_bytes_per_token, e.kv_cache_bytes_per_gpu) == (weights, per_token, kv)
+    assert (e.weight_bytes_per_gpu, e.kv_bytes_per_token, e.kv_cache_bytes_per_gpu) == (
+        weights,
+        per_token,
+        kv,
+    )
     assert e.num_gpu_blocks == blocks and e.kv_tokens == 450352
     assert round(e.full_length_sequences, 1) == 13.7  # 450352 / 32768
     c = plan.command
@@ -191,16 +198,20 @@ def test_probe_falls_back_in_order_and_reports_why(monkeypatch):
         raise ImportError("x", name="torch")
 
     smi = (GpuInfo(0, "NVIDIA L4", L4_TOTAL, L4_TOTAL),)
-    monkeypatch.setattr(gpu_probe, "PROBES", (("torch", missing), ("nvml", broken), ("nvidia-smi", lambda: smi)))
+    monkeypatch.setattr(
+        gpu_probe, "PROBES", (("torch", missing), ("nvml", broken), ("nvidia-smi", lambda: smi))
+    )
     found = gpu_probe.probe(env={})
     assert found.source == "nvidia-smi" and found.gpus == smi
-    assert found.tried == ("torch: torch is not installed", "nvml: RuntimeError: NVML_ERROR_DRIVER_NOT_LOADED")
+    assert found.tried == (
+        "torch: torch is not installed",
+        "nvml: RuntimeError: NVML_ERROR_DRIVER_NOT_LOADED",
+    )
 
 
 def test_no_gpu_exits_3_with_a_clear_message(monkeypatch, example_fleet_path):
-    from typer.testing import CliRunner
-
     from gpufleet.cli.app import app
+    from typer.testing import CliRunner
 
     monkeypatch.delenv(gpu_probe.FAKE_ENV, raising=False)
     monkeypatch.setattr(gpu_probe, "PROBES", (("torch", lambda: ()),))
@@ -244,7 +255,14 @@ def test_dry_run_end_to_end_probe_file_and_refusal(tmp_path, repo_root):
     refused = _launch(["--fleet", str(fleet_file), "--probe-file", str(probe), "--dry-run"], None, repo_root)
     assert refused.returncode == 3 and "refusing to start" in refused.stderr
     shorter = _launch(
-        ["--fleet", str(fleet_file), "--probe-file", str(probe), "--dry-run", "--allow-shorter-max-model-len"],
+        [
+            "--fleet",
+            str(fleet_file),
+            "--probe-file",
+            str(probe),
+            "--dry-run",
+            "--allow-shorter-max-model-len",
+        ],
         None,
         repo_root,
     )
