@@ -10,8 +10,10 @@ another engine from the prompt plus the text already sent, so the client sees on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -89,6 +91,7 @@ class _Stream:
     finished: bool = False  # a finish_reason was relayed
     chunk_id: str | None = None
     bytes_out: int = 0
+    key: object = None  # the current attempt's ledger entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class _Job:
     body: bytes
     payload: dict[str, Any]
     stream: bool
+    prompt_tokens: int
     routed: RoutedRequest
     headers: dict[str, str]
     deadline: float
@@ -127,7 +131,6 @@ class Router:
             interval_s=s.scrape_interval_s,
             timeout_s=s.scrape_timeout_s,
             on_round=self._wake_queue,
-            on_sample=lambda url, sample: self.ledger.on_sample(url, sample.taken_at),
         )
         self.scraper.set_engines(config.region.engines)
         self.drained_regions: set[str] = set()
@@ -168,6 +171,8 @@ class Router:
                     drained=url in self.drained_engines,
                     breaker=self.breakers.engine_state(url, now),
                     pending_tokens=self.ledger.pending(url),
+                    # Its waiting queue is requests we sent: their whole demand is in pending_tokens.
+                    waiting_tokens=0.0,
                     outstanding=self.outstanding.get(url, 0),
                 )
             )
@@ -192,11 +197,16 @@ class Router:
             if summary is not None:
                 received, data = summary
                 age = data.get("data_age_s")
+                # What we forwarded since this summary is not in it yet (optimistic accounting).
+                sent = self.ledger.pending(key)
+                free = float(data.get("free_tokens", 0.0)) - sent
                 base = replace(
                     base,
                     drained=base.drained or bool(data.get("drained")),
-                    free_tokens=float(data.get("free_tokens", 0.0)),
-                    largest_free_tokens=float(data.get("largest_free_tokens", 0.0)),
+                    free_tokens=free,
+                    # The peer spreads what we sent over its engines; its largest one keeps its room
+                    # until the region as a whole runs short.
+                    largest_free_tokens=min(float(data.get("largest_free_tokens", 0.0)), free),
                     healthy_engines=int(data.get("healthy_engines", 0)),
                     queue=int(data.get("queue", 0)),
                     summarized_at=None if age is None else received - float(age),
@@ -263,7 +273,8 @@ class Router:
         regions.add_routes(app, self)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> int:
+        """Serve on host:port, or on an already bound socket (tests that must know ports up front)."""
         from gpufleet.serving.router.regions import PeerReader
 
         s = self.config.settings
@@ -277,9 +288,11 @@ class Router:
             self._tasks.append(asyncio.create_task(reader.run(), name=f"peers-{self.region}"))
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site: web.BaseSite = (
+            web.SockSite(self._runner, sock) if sock else web.TCPSite(self._runner, host, port)
+        )
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = (sock or site._server.sockets[0]).getsockname()[1]  # type: ignore[union-attr]
         return self.port
 
     async def close(self) -> None:
@@ -402,7 +415,12 @@ class Router:
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
             raise HttpError(400, "`max_tokens` must be a positive integer")
-        need = estimate_prompt_tokens(chars) + (max_tokens or DEFAULT_MAX_TOKENS)
+        prompt_tokens = estimate_prompt_tokens(chars)
+        if max_tokens is not None and max_tokens > self.config.models[model]:
+            raise HttpError(
+                400, f"max_tokens {max_tokens} exceeds the model's context ({self.config.models[model]})"
+            )
+        need = prompt_tokens + (max_tokens or DEFAULT_MAX_TOKENS)
         hop = request.headers.get(HOP_HEADER)
         residency = request.headers.get(RESIDENCY_HEADER) or self.config.region.residency
         routed = RoutedRequest(
@@ -416,7 +434,8 @@ class Router:
         if "Authorization" in request.headers:
             headers["Authorization"] = request.headers["Authorization"]
         deadline = self.clock() + self.config.settings.request_timeout_s
-        return _Job(kind, request.path, body, payload, bool(payload.get("stream")), routed, headers, deadline)
+        stream = bool(payload.get("stream"))
+        return _Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline)
 
     async def _admit(self, job: _Job) -> list[Candidate]:
         """Candidates now, or after a short wait in the bounded queue, or 429."""
@@ -485,6 +504,7 @@ class Router:
         attempts = 0
         budget = self.config.settings.retry_budget
         last_error = "no candidate"
+        only_full = True  # every failure so far was a target saying it is full (429)
         while attempts <= budget:
             cand = self._take(cands)
             if cand is None:
@@ -498,12 +518,20 @@ class Router:
                 last_error = f"{cand.target}: {exc}"
                 failed.add(cand.target)
                 if exc.penalize:
+                    only_full = False
                     self._record(cand, ok=False)
                 else:
                     self._release(cand)
             if self.clock() >= job.deadline:
                 break
             cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
+        if only_full:
+            s = self.config.settings
+            self.metrics.rejected.inc()
+            retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
+            raise HttpError(
+                429, f"no room for this request now ({last_error})", "rate_limit_error", retry_after
+            )
         raise HttpError(503, f"no engine could serve the request ({last_error})", "service_unavailable")
 
     def _release(self, cand: Candidate) -> None:
@@ -511,20 +539,45 @@ class Router:
             self.breakers.engine(cand.engine).release()
         self.breakers.region(cand.region).release()
 
-    def _note_sent(self, cand: Candidate, job: _Job) -> None:
+    def _note_sent(self, cand: Candidate, job: _Job, key: object) -> None:
+        # The whole demand counts against the target until the answer shows up in its KV cache.
+        self.ledger.routed(cand.target, key, job.routed.need_tokens, self.clock())
         if cand.engine is not None:
-            self.ledger.routed(cand.engine, job.routed.need_tokens, self.clock())
             self.outstanding[cand.engine] = self.outstanding.get(cand.engine, 0) + 1
         else:
             self.metrics.spills.labels(cand.region).inc()
 
-    def _note_done(self, cand: Candidate) -> None:
+    def _note_done(self, cand: Candidate, key: object) -> None:
+        self.ledger.done(key)
         if cand.engine is not None:
             n = self.outstanding.get(cand.engine, 1) - 1
             if n > 0:
                 self.outstanding[cand.engine] = n
             else:
                 self.outstanding.pop(cand.engine, None)
+
+    async def _watched(self, awaitable, cand: Candidate):
+        """Await an engine's answer, but give up when the scraper finds the engine dead meanwhile.
+
+        A hung engine accepts the request and never answers; a non-streamed answer may rightly take
+        minutes, so no read timeout tells the two apart. Two failed scrapes in a row do.
+        """
+        task = asyncio.ensure_future(awaitable)
+        state = self.scraper.engines.get(cand.engine) if cand.engine is not None else None
+        if state is None:
+            return await task
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.config.settings.scrape_interval_s)
+                if done:
+                    return task.result()
+                if state.failures >= 2:
+                    raise _Upstream(f"engine stopped answering ({state.error})")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def _open(self, cand: Candidate, job: _Job, body: bytes) -> aiohttp.ClientResponse:
         """POST to the candidate; the response with headers read, or `_Upstream`."""
@@ -537,10 +590,9 @@ class Router:
         # the deadline.
         read = min(left, s.idle_timeout_s) if job.stream else left
         timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=read)
+        post = self._session.post(self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout)
         try:
-            resp = await self._session.post(
-                self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout
-            )
+            resp = await self._watched(post, cand)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _Upstream(f"{type(exc).__name__}: {exc}") from None
         if resp.status in _RETRYABLE_STATUS:
@@ -552,12 +604,18 @@ class Router:
     async def _attempt(
         self, request: web.Request, job: _Job, cand: Candidate, body: bytes, payload: dict[str, Any]
     ) -> web.StreamResponse:
-        resp = await self._open(cand, job, body)
-        self._note_sent(cand, job)
+        key = object()
+        # Reserve before the first await, so concurrent requests see this one's demand.
+        self._note_sent(cand, job, key)
+        try:
+            resp = await self._open(cand, job, body)
+        except _Upstream:
+            self._note_done(cand, key)
+            raise
         try:
             if not job.stream or resp.status != 200:
                 try:
-                    data = await resp.read()
+                    data = await self._watched(resp.read(), cand)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     raise _Upstream(f"answer broke: {type(exc).__name__}") from None
                 self._record(cand, ok=True)
@@ -565,15 +623,15 @@ class Router:
                 headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
                 return web.Response(status=resp.status, body=data, headers=headers)
-            return await self._relay(request, job, cand, resp)
+            return await self._relay(request, job, cand, resp, key)
         finally:
             resp.release()
-            self._note_done(cand)
+            self._note_done(cand, key)
 
     # ---- streaming --------------------------------------------------------------------------------
 
     async def _relay(
-        self, request: web.Request, job: _Job, cand: Candidate, resp: aiohttp.ClientResponse
+        self, request: web.Request, job: _Job, cand: Candidate, resp: aiohttp.ClientResponse, key: object
     ) -> web.StreamResponse:
         out = web.StreamResponse(
             status=200,
@@ -588,9 +646,9 @@ class Router:
             await out.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
             raise _ClientGone() from exc
-        stream = _Stream()
+        stream = _Stream(key=key)
         try:
-            done, broke = await self._pump(resp, out, stream, rewrite_id=False)
+            done, broke = await self._pump(job, resp, out, stream, rewrite_id=False)
             if done:
                 self._record(cand, ok=True)
                 self.metrics.requests.labels(cand.region, "ok").inc()
@@ -617,7 +675,12 @@ class Router:
             raise _ClientGone() from exc
 
     async def _pump(
-        self, resp: aiohttp.ClientResponse, out: web.StreamResponse, stream: _Stream, rewrite_id: bool
+        self,
+        job: _Job,
+        resp: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        stream: _Stream,
+        rewrite_id: bool,
     ) -> tuple[bool, str]:
         """Relay SSE events until [DONE]. Returns (completed, why it broke)."""
         event: list[bytes] = []
@@ -638,6 +701,7 @@ class Router:
                     event.clear()
                     await self._write(out, chunk)
                     stream.bytes_out += len(chunk)
+                    self.ledger.progress(stream.key, job.prompt_tokens + stream.tokens)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return False, f"{type(exc).__name__}"
         return False, "stream ended without [DONE]"
@@ -684,36 +748,43 @@ class Router:
             self.metrics.requests.labels(broken.region, "ok").inc()
             return True
         failed = {broken.target}
-        payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
+        # Nothing relayed yet: the original request is its own continuation.
+        payload = (
+            continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
+            if stream.text
+            else job.payload
+        )
         attempts = 0
         while (
             payload is not None
             and attempts <= self.config.settings.retry_budget
             and self.clock() < job.deadline
         ):
-            need = max(1, job.routed.need_tokens - stream.tokens)
-            cands = self.choose(replace(job.routed, need_tokens=need, exclude=frozenset(failed)))
+            # The new engine holds the prompt, the text so far and the rest: the same demand.
+            cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
             cand = self._take(cands)
             if cand is None:
                 break
             attempts += 1
             body = json.dumps(payload).encode()
+            key = stream.key = object()
+            self._note_sent(cand, job, key)
             try:
                 resp = await self._open(cand, job, body)
             except _Upstream as exc:
+                self._note_done(cand, key)
                 failed.add(cand.target)
                 self._record(cand, ok=False) if exc.penalize else self._release(cand)
                 continue
-            self._note_sent(cand, job)
             try:
                 if resp.status != 200:
                     failed.add(cand.target)
                     self._release(cand)
                     continue
-                done, why = await self._pump(resp, out, stream, rewrite_id=True)
+                done, why = await self._pump(job, resp, out, stream, rewrite_id=True)
             finally:
                 resp.release()
-                self._note_done(cand)
+                self._note_done(cand, key)
             if done:
                 self._record(cand, ok=True)
                 self.metrics.continuations.labels("ok").inc()

@@ -13,7 +13,7 @@ queue. Stale data counts as full; an engine that does not answer counts as down.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -43,7 +43,7 @@ class EngineView:
     healthy: bool = True  # False: the last scrape failed or returned garbage
     drained: bool = False
     breaker: BreakerState = BreakerState.closed
-    pending_tokens: float = 0.0  # routed here since the sample (optimistic accounting)
+    pending_tokens: float = 0.0  # committed here, not yet in the sample (OptimisticLedger.pending)
     outstanding: int = 0  # requests this router has in flight here
     waiting_tokens: float | None = None  # demand of the waiting queue; None: estimate from `waiting`
 
@@ -302,36 +302,57 @@ def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
 
 
 class OptimisticLedger:
-    """Tokens routed to each engine since its last sample.
+    """KV demand this router has committed to each target and the target's metrics do not show yet.
 
-    A sample taken at time t already reflects (mostly) what was routed before t; what was routed
-    after t is not in it yet, so it is subtracted from the sample's free tokens. `on_sample` drops
-    the entries the new sample covers. Time is passed in, so the simulator can run it virtually.
+    An engine's sample shows the KV blocks its requests hold NOW; a request admitted with
+    `prompt + max_tokens` of demand holds only its prompt at first and grows by one token per
+    step. So the headroom of an engine is its sampled free tokens minus, for every request in
+    flight there, what that request has yet to materialize: `need - materialized`. Without this a
+    burst between two scrapes (or a batch of freshly admitted requests) herds onto one engine, and
+    the engine preempts later as they grow.
+
+    For a target whose figures already include what was sent before some time (a peer router's
+    summary), `covered(target, t)` stops counting entries routed before t. Pure: time is passed in.
     """
 
-    __slots__ = ("_entries", "_grace_s")
+    __slots__ = ("_by_target", "_where", "_covered")
 
-    def __init__(self, grace_s: float = 0.0) -> None:
-        # grace_s: how long an admitted request may take to show up in the engine's metrics.
-        self._entries: dict[str, list[tuple[float, float]]] = {}
-        self._grace_s = grace_s
+    def __init__(self) -> None:
+        # target -> request key -> [routed_at, need, materialized]
+        self._by_target: dict[str, dict[object, list[float]]] = {}
+        self._where: dict[object, str] = {}
+        self._covered: dict[str, float] = {}
 
-    def routed(self, engine: str, tokens: float, now: float) -> None:
-        self._entries.setdefault(engine, []).append((now, tokens))
+    def routed(self, target: str, key: object, need_tokens: float, now: float) -> None:
+        self._by_target.setdefault(target, {})[key] = [now, need_tokens, 0.0]
+        self._where[key] = target
 
-    def on_sample(self, engine: str, sampled_at: float) -> None:
-        entries = self._entries.get(engine)
-        if entries:
-            cutoff = sampled_at - self._grace_s
-            self._entries[engine] = [(t, n) for t, n in entries if t > cutoff]
+    def progress(self, key: object, materialized_tokens: float) -> None:
+        """The request now holds this many of its tokens in the target's KV cache."""
+        target = self._where.get(key)
+        if target is not None:
+            self._by_target[target][key][2] = materialized_tokens
 
-    def pending(self, engine: str) -> float:
-        entries = self._entries.get(engine)
-        return sum(n for _, n in entries) if entries else 0.0
+    def done(self, key: object) -> None:
+        target = self._where.pop(key, None)
+        if target is not None:
+            entries = self._by_target[target]
+            entries.pop(key, None)
+            if not entries:
+                del self._by_target[target]
 
-    def forget(self, engines: Iterable[str]) -> None:
-        for e in engines:
-            self._entries.pop(e, None)
+    def covered(self, target: str, until: float) -> None:
+        self._covered[target] = until
+
+    def pending(self, target: str) -> float:
+        entries = self._by_target.get(target)
+        if not entries:
+            return 0.0
+        since = self._covered.get(target, float("-inf"))
+        return sum(max(0.0, need - held) for t, need, held in entries.values() if t > since)
+
+    def in_flight(self, target: str) -> int:
+        return len(self._by_target.get(target, ()))
 
 
 def estimate_prompt_tokens(text_chars: int) -> int:

@@ -49,7 +49,11 @@ class PeerReader:
                 data = await resp.json(content_type=None)
             if not isinstance(data, dict) or data.get("region") != key:
                 raise ValueError("summary is not this peer's")
-            self.router.peer_summaries[key] = (self.router.clock(), data)
+            now = self.router.clock()
+            self.router.peer_summaries[key] = (now, data)
+            # The summary covers what we forwarded before its data was taken.
+            age = data.get("data_age_s")
+            self.router.ledger.covered(key, now - (float(age) if isinstance(age, int | float) else 0.0))
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
             self.router.peer_summaries.pop(key, None)
 

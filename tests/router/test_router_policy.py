@@ -165,14 +165,19 @@ def test_affinity_breaks_ties_stably():
     assert len(first) == 1
 
 
-def test_ledger_counts_only_what_was_routed_after_the_sample():
+def test_ledger_counts_demand_not_yet_materialized():
     ledger = OptimisticLedger()
-    ledger.routed("a", 100, now=1.0)
-    ledger.routed("a", 50, now=2.0)
-    assert ledger.pending("a") == 150
-    ledger.on_sample("a", sampled_at=1.5)
-    assert ledger.pending("a") == 50
-    ledger.on_sample("a", sampled_at=2.5)
+    ledger.routed("a", "r1", 500, now=1.0)
+    ledger.routed("a", "r2", 300, now=2.0)
+    assert ledger.pending("a") == 800 and ledger.in_flight("a") == 2
+    ledger.progress("r1", 120)  # prompt plus tokens generated so far now sit in the cache
+    assert ledger.pending("a") == 680
+    ledger.done("r2")
+    assert ledger.pending("a") == 380
+    ledger.covered("a", until=1.5)  # a summary that already reflects r1
+    assert ledger.pending("a") == 0
+    ledger.done("r1")
+    ledger.done("unknown")
     assert ledger.pending("a") == 0 and ledger.pending("never") == 0
 
 
@@ -184,10 +189,13 @@ def test_optimistic_accounting_spreads_a_burst():
     for i in range(6):
         views = [replace(e, pending_tokens=ledger.pending(e.id)) for e in base]
         target = p.choose(RoutedRequest(2_000), views, REGIONS, NOW + i * 0.01)[0].target
-        ledger.routed(target, 2_000, NOW)
+        ledger.routed(target, i, 2_000, NOW)
         chosen.append(target)
     # Without the ledger all six would go to "a"; with it, the headrooms stay within one request.
     assert chosen == ["a", "a", "b", "a", "b", "a"]
+    # Nothing more fits on either: 10k - 8k = 2k on "a" is exactly one more; then none.
+    views = [replace(e, pending_tokens=ledger.pending(e.id)) for e in base]
+    assert ids(p.choose(RoutedRequest(2_001), views, REGIONS, NOW)) == []
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,309 @@
+"""Three emulated regions on loopback (H100, L4, A100; different sizes), each with its engines (the real
+engine emulator) and its own router. What the issue asks the router to show, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from .harness import MODEL, TOKEN, FleetBed, ask, router_metric, start_fleet
+
+AWS, GCP, AZURE = "aws-us-east-1", "gcp-us-central1", "azure-eastus"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def engine_requests(bed: FleetBed, region: str) -> int:
+    """Requests an engine has seen (finished, running or waiting), summed over the region."""
+    total = 0
+    for e in bed[region].engines:
+        st = e.engine.stats()
+        total += st.num_finished + st.num_running + st.num_waiting
+    return total
+
+
+async def settle(bed: FleetBed, intervals: float = 3) -> None:
+    await asyncio.sleep(intervals * bed.router_settings["scrape_interval_s"])
+
+
+def test_spill_goes_where_the_headroom_is_within_slo(tmp_path):
+    async def main():
+        # A low time scale: the TTFT we measure in wall time includes this one process's CPU time
+        # (routers, emulators and client share it), which the scale would magnify.
+        bed = await start_fleet(tmp_path, time_scale=4)
+        try:
+            # ~420 tokens each: AWS (2 x 1536) fits 6, so 24 at once fit only by spilling. Azure is
+            # on-demand with 3 x 4096 tokens; GCP is spot: spills go to Azure, not GCP.
+            answers = await asyncio.gather(
+                *(ask(bed.session, bed[AWS].url, max_tokens=400) for _ in range(24))
+            )
+            assert all(a.complete and a.tokens == 400 for a in answers), [
+                a.error for a in answers if not a.complete
+            ]
+            by_region = {k: sum(a.region == k for a in answers) for k in (AWS, GCP, AZURE)}
+            assert 4 <= by_region[AWS] <= 6, by_region
+            assert by_region[AZURE] == 24 - by_region[AWS] and by_region[GCP] == 0, by_region
+            assert (
+                await router_metric(bed.session, bed[AWS].url, "gpufleet_router_spills_total")
+                == by_region[AZURE]
+            )
+            # Routing by headroom kept every engine out of KV exhaustion: no preemption anywhere.
+            assert sum(e.engine.stats().num_preemptions for r in bed.regions.values() for e in r.engines) == 0
+            # TTFT in engine time (the emulator runs time_scale x faster than the wall clock).
+            ttfts = sorted(a.ttft_s * bed.time_scale * 1000 for a in answers)
+            assert ttfts[-1] <= 2000, ttfts  # the fleet's SLO: ttft_ms 2000
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_region_killed_mid_run(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=2)
+        url = bed[AWS].url
+        interval = bed.router_settings["scrape_interval_s"]
+        try:
+            streams = [
+                asyncio.create_task(ask(bed.session, url, max_tokens=300, content=f"s{i}")) for i in range(6)
+            ]
+            # Wait until every stream runs on an AWS engine.
+            until = time.monotonic() + 10
+            while sum(e.engine.stats().num_running for e in bed[AWS].engines) < 6:
+                assert time.monotonic() < until, "streams did not start"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # tokens are flowing
+            later = [
+                asyncio.create_task(ask(bed.session, url, max_tokens=20, content=f"n{i}")) for i in range(4)
+            ]
+            for e in bed[AWS].engines:  # the whole region goes away, open connections dropped
+                await e.set_faults({"refuse_connections": True})
+            killed = time.monotonic()
+            more = []
+            for i in range(12):
+                more.append(asyncio.create_task(ask(bed.session, url, max_tokens=20, content=f"m{i}")))
+                await asyncio.sleep(interval / 3)
+                if abs(time.monotonic() - killed - 2 * interval) < interval / 3:
+                    retries_at_2 = await router_metric(bed.session, url, "gpufleet_router_retries_total")
+            done = await asyncio.gather(*streams, *later, *more)
+            assert all(a.complete for a in done), [a.error for a in done if not a.complete]
+            # In-flight streams: continued elsewhere, one stream each, the full length.
+            for a in done[:6]:
+                assert a.tokens == 300 and len(a.ids) == 1 and a.events_after_done == 0
+            assert (
+                await router_metric(bed.session, url, "gpufleet_router_continuations_total", outcome="ok")
+                >= 6
+            )
+            # After two scrape intervals nothing is tried on the dead region any more.
+            assert await router_metric(bed.session, url, "gpufleet_router_retries_total") == retries_at_2
+            assert all(a.region in (GCP, AZURE) for a in done[10:])
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_drain_through_the_cli(tmp_path, monkeypatch):
+    from gpufleet.cli.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("GPUFLEET_ADMIN_TOKEN", TOKEN)
+    cli = CliRunner()
+
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=2)
+        try:
+            inflight = [asyncio.create_task(ask(bed.session, bed[GCP].url, max_tokens=150)) for _ in range(3)]
+            while sum(e.engine.stats().num_running for e in bed[GCP].engines) < 3:
+                await asyncio.sleep(0.02)
+            res = await asyncio.to_thread(
+                cli.invoke, app, ["failover", "drain", GCP, "--fleet", str(bed.fleet_path)]
+            )
+            assert res.exit_code == 0, res.output
+            assert res.output.count(": ok") == 3
+            seen = engine_requests(bed, GCP)
+            new = await asyncio.gather(
+                *(
+                    ask(bed.session, bed[k].url, max_tokens=10, content=f"{k}{i}")
+                    for k in (GCP, AWS)
+                    for i in range(8)
+                )
+            )
+            assert all(a.complete and a.region != GCP for a in new)
+            assert engine_requests(bed, GCP) == seen  # no new request reached the drained region
+            old = await asyncio.gather(*inflight)
+            assert all(a.complete and a.region == GCP and a.tokens == 150 for a in old)
+            status = await asyncio.to_thread(
+                cli.invoke, app, ["status", "--fleet", str(bed.fleet_path), "--json"]
+            )
+            assert status.exit_code == 0, status.output
+            assert GCP in status.output and '"drained_regions"' in status.output
+            res = await asyncio.to_thread(
+                cli.invoke, app, ["failover", "restore", GCP, "--fleet", str(bed.fleet_path)]
+            )
+            assert res.exit_code == 0, res.output
+            back = await ask(bed.session, bed[GCP].url, max_tokens=5)
+            assert back.complete and back.region == GCP
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_garbage_and_stale_metrics_neither_crash_nor_attract(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=20)
+        aws = bed[AWS]
+        try:
+            sick, well = aws.engines
+            await sick.set_faults({"garbage_metrics": True})
+            await settle(bed)
+            before = sick.engine.stats().num_finished
+            answers = await asyncio.gather(*(ask(bed.session, aws.url, max_tokens=8) for _ in range(10)))
+            assert all(a.complete and a.region == AWS for a in answers)
+            assert sick.engine.stats().num_finished == before
+            async with bed.session.get(aws.url + "/admin/v1/state", headers=ADMIN) as r:
+                rows = {e["engine"]: e for e in (await r.json())["engines"]}
+            assert rows[sick.url]["healthy"] is False and "MetricsError" in rows[sick.url]["error"]
+            async with bed.session.get(aws.url + "/metrics") as r:
+                assert r.status == 200 and "gpufleet_router_engine_up" in await r.text()
+            # Stale: the router's scraper stalls; once its data is older than stale_after_s the
+            # region counts as full and traffic goes to the peers.
+            await sick.set_faults({"clear": True})
+            aws.router._tasks[0].cancel()  # the scrape loop
+            await asyncio.sleep(bed.router_settings["stale_after_s"] + 0.1)
+            seen = engine_requests(bed, AWS)
+            answers = await asyncio.gather(*(ask(bed.session, aws.url, max_tokens=8) for _ in range(6)))
+            assert all(a.complete and a.region in (GCP, AZURE) for a in answers)
+            assert engine_requests(bed, AWS) == seen
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_broken_streams_continue_as_one_stream(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=20)
+        aws = bed[AWS]
+        try:
+            await aws.engines[0].set_faults({"break_stream_after_tokens": 5})
+            answers = await asyncio.gather(
+                *(
+                    ask(bed.session, aws.url, max_tokens=40, chat=i % 2 == 0, content=f"q{i}")
+                    for i in range(8)
+                )
+            )
+            assert all(a.complete and a.tokens == 40 and len(a.ids) == 1 for a in answers)
+            assert (
+                await router_metric(bed.session, aws.url, "gpufleet_router_continuations_total", outcome="ok")
+                >= 1
+            )
+            # Every engine of the fleet breaks streams: the client gets an error event, then [DONE].
+            for r in bed.regions.values():
+                for e in r.engines:
+                    await e.set_faults({"break_stream_after_tokens": 3})
+            a = await ask(bed.session, aws.url, max_tokens=50)
+            assert a.status == 200 and a.error and a.done and a.events_after_done == 0 and not a.complete
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_failover_before_first_byte_and_bad_input(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=20, router={"max_body_bytes": 65536})
+        aws = bed[AWS]
+        s = bed.session
+        try:
+            await aws.engines[0].set_faults({"status_503": True})  # its /metrics answers 503 too
+            await aws.engines[1].set_faults({"hang": True})
+            answers = await asyncio.gather(
+                *(ask(bed.session, aws.url, max_tokens=4, stream=i % 2 == 0) for i in range(6))
+            )
+            assert all(a.complete and a.region in (GCP, AZURE) for a in answers)
+
+            async def status_and_error(method, path, **kw):
+                async with s.request(method, aws.url + path, **kw) as r:
+                    body = await r.json(content_type=None)
+                    return r.status, body["error"]["type"], r.headers
+
+            assert (await status_and_error("POST", "/v1/chat/completions", data=b"{nope"))[0] == 400
+            assert (await status_and_error("POST", "/v1/completions", json=[1, 2]))[0] == 400
+            big = {"model": MODEL, "prompt": "x" * 70000}
+            assert (await status_and_error("POST", "/v1/completions", json=big))[0] == 413
+            code, kind, _ = await status_and_error(
+                "POST", "/v1/completions", json={"model": "gpt-9", "prompt": "hi"}
+            )
+            assert (code, kind) == (404, "NotFoundError")
+            code, kind, headers = await status_and_error("GET", "/admin/v1/state")
+            assert (code, kind, headers["WWW-Authenticate"]) == (401, "authentication_error", "Bearer")
+            wrong = {"Authorization": "Bearer " + "x" * len(TOKEN)}
+            assert (await status_and_error("POST", "/admin/v1/drain", json={"region": GCP}, headers=wrong))[
+                0
+            ] == 401
+            assert (await status_and_error("GET", "/router/v1/summary"))[0] == 401
+            async with s.get(aws.url + "/v1/models") as r:
+                assert (await r.json())["data"][0]["id"] == MODEL
+            async with s.get(aws.url + "/health") as r:
+                assert r.status == 200
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+def test_queue_then_429_with_retry_after(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, time_scale=20, router={"queue_wait_s": 0.3})
+        url = bed[AWS].url
+        try:
+            for key in (AWS, GCP, AZURE):  # no room anywhere
+                async with bed.session.post(
+                    url + "/admin/v1/drain", json={"region": key}, headers=ADMIN
+                ) as r:
+                    assert r.status == 200
+            start = time.monotonic()
+            async with bed.session.post(
+                url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5}
+            ) as r:
+                assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+                assert (await r.json())["error"]["type"] == "rate_limit_error"
+            assert time.monotonic() - start >= 0.3  # it waited in the queue first
+            # Room comes back while a request waits: it is served, not refused.
+            waiting = asyncio.create_task(ask(bed.session, url, max_tokens=4))
+            await asyncio.sleep(0.1)
+            async with bed.session.post(url + "/admin/v1/restore", json={"region": AWS}, headers=ADMIN) as r:
+                assert r.status == 200
+            assert (await waiting).complete
+            too_long = await ask(bed.session, url, max_tokens=5000)
+            assert too_long.status == 400
+        finally:
+            await bed.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("missing", ["env", "short"])
+def test_router_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch, missing):
+    from gpufleet.cli.app import app
+    from typer.testing import CliRunner
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet: t\nmodels: [{name: m, catalog: llama-3.1-8b}]\n"
+        "regions: [{cloud: aws, region: us-east-1, gpu: H100-80GB, nodes: {max: 1},"
+        " endpoints: {engines: ['http://127.0.0.1:9']}}]\n"
+    )
+    monkeypatch.delenv("GPUFLEET_ADMIN_TOKEN", raising=False)
+    if missing == "short":
+        monkeypatch.setenv("GPUFLEET_ADMIN_TOKEN", "abc")
+    res = CliRunner().invoke(app, ["router", "serve", "--fleet", str(fleet), "--region", "aws-us-east-1"])
+    assert res.exit_code == 3
+    assert "admin token" in res.output
