@@ -46,6 +46,10 @@ STARTUP_PERIOD_S = 10
 STARTUP_FAILURES = 90
 SHM_SIZE = "16Gi"  # NCCL between tensor-parallel ranks goes through /dev/shm
 MODEL_CACHE_SIZE = "150Gi"  # GPU nodes get 200 GiB disks (modules/cluster.py GpuPoolProps.disk_gib)
+# Secrets are mounted as files, not environment variables (a process listing or crash dump shows env).
+ADMIN_TOKEN_DIR = "/var/run/secrets/gpufleet"
+HF_TOKEN_DIR = "/var/run/secrets/huggingface"
+HOME_DIR = "/home/gpufleet"  # the image user's HOME: vLLM, torch.compile and Triton caches
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,12 @@ class RegionWorkload:
     gpus_per_node: int
     max_nodes: int
     image: str
+
+    vcpus_per_gpu: float = 4.0
+
+    @property
+    def cpus_request(self) -> int:
+        return max(1, int(self.vcpus_per_gpu * self.tensor_parallel_size // 2))
 
     @property
     def engine_replicas(self) -> int:
@@ -80,6 +90,7 @@ def workload(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> Region
         gpus_per_node=it.gpus,
         max_nodes=region.nodes.max,
         image=image,
+        vcpus_per_gpu=it.vcpus_per_gpu,
     )
 
 
@@ -108,6 +119,8 @@ def in_cluster_fleet_yaml(fleet: Fleet) -> str:
         url = peer_router_url(fleet, region)
         if not ep.get("router") and url:
             ep["router"] = url
+    # The router reads its admin token from the Secret mounted as a file (router_objects).
+    data.setdefault("router", {})["admin_token_file"] = f"{ADMIN_TOKEN_DIR}/{ADMIN_SECRET_KEY}"
     header = (
         "# Rendered by gpufleet for the in-cluster router and engine launcher; edit the source fleet file.\n"
     )
@@ -174,22 +187,38 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
         # The image's ENTRYPOINT is `gpufleet engine launch`: it probes the GPUs and execs vLLM.
         "args": ["--fleet", f"{FLEET_DIR}/{FLEET_KEY}", "--region", w.region_key, "--model", w.model_name],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        "env": [
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}},
+        # huggingface_hub reads the token from this file (gated models); absent Secret, no token.
+        "env": [{"name": "HF_TOKEN_PATH", "value": f"{HF_TOKEN_DIR}/token"}],
+        "imagePullPolicy": "Always",
+        # CPU: half the node's vCPUs per GPU (the rest for the system and the device plugin); no CPU
+        # limit, throttling the scheduler loop stalls every request in the batch. Memory: the request
+        # covers the process and the weights streaming through host memory; no limit, since an OOM
+        # kill of an engine with a full KV cache is worse than the node's own pressure eviction.
+        "resources": {
+            "limits": {GPU_RESOURCE: gpus},
+            "requests": {
+                GPU_RESOURCE: gpus,
+                "cpu": str(w.cpus_request),
+                "memory": f"{8 * w.tensor_parallel_size}Gi",
             },
-        ],
-        "resources": {"limits": {GPU_RESOURCE: gpus}, "requests": {GPU_RESOURCE: gpus}},
+        },
         "volumeMounts": [
             {"name": "model-cache", "mountPath": "/root/.cache/huggingface"},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
+            {"name": "hf-token", "mountPath": HF_TOKEN_DIR, "readOnly": True},
+            {"name": "home", "mountPath": HOME_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
         "startupProbe": _http_probe(STARTUP_PERIOD_S, STARTUP_FAILURES),
         "readinessProbe": _http_probe(5, 3),
         "livenessProbe": _http_probe(10, 6),
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        # Read-only image; what vLLM writes goes to the volumes above (HOME caches, /tmp, the model cache).
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
     }
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
@@ -201,6 +230,9 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
             {"name": "model-cache", "emptyDir": {"sizeLimit": MODEL_CACHE_SIZE}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
             {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
+            {"name": "hf-token", "secret": {"secretName": HF_SECRET, "optional": True}},
+            {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
         ],
     }
     deployment = {
@@ -254,7 +286,6 @@ def _lb_annotations(cloud: str) -> dict[str, str]:
 
 def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[Obj]:
     labels = _labels("router", fleet)
-    settings = fleet.router
     container = {
         "name": "router",
         "image": w.image,
@@ -272,14 +303,16 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
             str(ROUTER_PORT),
         ],
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "env": [
-            {
-                "name": settings.admin_token_env,
-                "valueFrom": {"secretKeyRef": {"name": ADMIN_SECRET, "key": ADMIN_SECRET_KEY}},
-            },
+        "imagePullPolicy": "Always",
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "512Mi"},
+            "limits": {"cpu": "2", "memory": "1Gi"},
+        },
+        "volumeMounts": [
+            {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
+            # The admin token as a file: the in-cluster fleet sets router.admin_token_file to it.
+            {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
         ],
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
-        "volumeMounts": [{"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True}],
         "readinessProbe": _http_probe(5, 3, 2),
         # Liveness on TCP only: /health may report "no engines" while GPU nodes scale up from zero,
         # and restarting the router would not help that.
@@ -293,7 +326,10 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
         "containers": [container],
-        "volumes": [{"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}}],
+        "volumes": [
+            {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
+            {"name": "admin-token", "secret": {"secretName": ADMIN_SECRET}},
+        ],
         # Replicas on different nodes, so one node's loss leaves a router up.
         "topologySpreadConstraints": [
             {

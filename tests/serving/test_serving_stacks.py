@@ -145,8 +145,12 @@ def test_router_replicas_command_and_secret_reference(synthesized, example_fleet
         c = router["spec"]["template"]["spec"]["container"][0]
         assert c["command"] + c["args"][:2] == ["gpufleet", "router", "serve"]
         assert c["args"][c["args"].index("--region") + 1] == region.key
-        env = {e["name"]: e for e in c["env"]}[example_fleet.router.admin_token_env]
-        assert env["value_from"]["secret_key_ref"] == {"name": "gpufleet-router-admin", "key": "token"}
+        # The token reaches the router as a file from the Secret, never as a literal or an env value.
+        assert "env" not in c
+        mounts = {m["name"]: m["mount_path"] for m in c["volume_mount"]}
+        assert mounts["admin-token"] == "/var/run/secrets/gpufleet"
+        vols = {v["name"]: v for v in router["spec"]["template"]["spec"]["volume"]}
+        assert vols["admin-token"]["secret"]["secret_name"] == "gpufleet-router-admin"
 
 
 def test_fleet_configmap_points_the_router_at_the_headless_service(synthesized):
@@ -162,7 +166,8 @@ def test_fleet_configmap_points_the_router_at_the_headless_service(synthesized):
     }
     from gpufleet.stacks.fleetfile import parse_fleet
 
-    parse_fleet(cm["data"]["fleet.yaml"])  # the router can load it
+    parsed = parse_fleet(cm["data"]["fleet.yaml"])  # the router can load it
+    assert parsed.router.admin_token_file == "/var/run/secrets/gpufleet/token"
 
 
 def test_admin_secret_is_generated_in_terraform_and_never_written(synthesized):
