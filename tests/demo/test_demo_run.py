@@ -12,8 +12,16 @@ from gpufleet.serving.procs import descendants, pid_alive
 def test_short_demo_completes_and_leaves_nothing(tmp_path, repo_root):
     report = tmp_path / "report"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpufleet.cli.app", "demo", "--short", "--no-live",
-         "--report-dir", str(report)],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli.app",
+            "demo",
+            "--short",
+            "--no-live",
+            "--report-dir",
+            str(report),
+        ],  # fmt: skip
         cwd=repo_root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
