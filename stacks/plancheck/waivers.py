@@ -129,7 +129,7 @@ def apply_waivers(
         for w in active:
             if w.matches(f):
                 f.waived_by = w
-                used.add(w.index)
+                used.add(id(w))
                 break
     expired = [
         Finding(
@@ -147,5 +147,5 @@ def apply_waivers(
         for w in waivers
         if w.expired(today)
     ]
-    unused = [w for w in active if w.index not in used]
+    unused = [w for w in active if id(w) not in used]
     return findings + expired, unused

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from gpufleet.cli.app import app
 from gpufleet.stacks.plancheck.inputs import InputError, blocks, dig, load
+from typer.testing import CliRunner
 
 from .conftest import CDKTF_OUT, PLANS
 

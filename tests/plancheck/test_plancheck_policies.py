@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from gpufleet.stacks.fleetfile import parse_fleet
 from gpufleet.stacks.plancheck.policies import POLICIES, SEVERITIES, Finding
 from gpufleet.stacks.plancheck.run import check
