@@ -123,7 +123,7 @@ class Router:
         self.policy = policy or make_policy(s.policy, self.policy_config)
         self.breakers = BreakerBoard(
             engine_threshold=s.breaker_failures,
-            region_threshold=2 * s.breaker_failures,
+            region_threshold=s.breaker_failures,
             cooldown_s=s.breaker_cooldown_s,
         )
         self.ledger = OptimisticLedger()
@@ -473,24 +473,20 @@ class Router:
         )
 
     def _take(self, cands: list[Candidate]) -> Candidate | None:
-        """The first candidate whose breakers let a request through now."""
+        """The first candidate whose breaker lets a request through now (half-open: as the probe)."""
         now = self.clock()
         for c in cands:
-            region_b = self.breakers.region(c.region)
-            if not region_b.allow(now):
-                continue
-            if c.engine is None or self.breakers.engine(c.engine).allow(now):
+            b = self.breakers.engine(c.engine) if c.engine is not None else self.breakers.region(c.region)
+            if b.allow(now):
                 return c
-            region_b.release()
         return None
 
     def _record(self, cand: Candidate, ok: bool) -> None:
+        # Local engines each have a breaker; a region's breaker guards forwarding to its router, so
+        # one sick local engine cannot shut the whole local region.
         now = self.clock()
-        if cand.engine is not None:
-            b = self.breakers.engine(cand.engine)
-            b.success(now) if ok else b.failure(now)
-        rb = self.breakers.region(cand.region)
-        rb.success(now) if ok else rb.failure(now)
+        b = self.breakers.engine(cand.engine) if cand.engine is not None else self.breakers.region(cand.region)
+        b.success(now) if ok else b.failure(now)
 
     def _url(self, cand: Candidate, path: str) -> str:
         if cand.engine is not None:
@@ -535,9 +531,8 @@ class Router:
         raise HttpError(503, f"no engine could serve the request ({last_error})", "service_unavailable")
 
     def _release(self, cand: Candidate) -> None:
-        if cand.engine is not None:
-            self.breakers.engine(cand.engine).release()
-        self.breakers.region(cand.region).release()
+        b = self.breakers.engine(cand.engine) if cand.engine is not None else self.breakers.region(cand.region)
+        b.release()
 
     def _note_sent(self, cand: Candidate, job: _Job, key: object) -> None:
         # The whole demand counts against the target until the answer shows up in its KV cache.

@@ -31,8 +31,13 @@ vllm:time_to_first_token_seconds_count{engine="0",model_name="llama-3.1-8b"} 12.
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="llama-3.1-8b"} 1.5
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
-vllm:cache_config_info{block_size="16",cache_dtype="auto",calculate_kv_scales="False",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",num_gpu_blocks="1000",num_gpu_blocks_override="None",prefix_caching_hash_algo="sha256"} 1.0  # noqa: E501
 """
+
+CURRENT += (  # one line in the exposition; the label set is vLLM 0.10's (extras must be tolerated)
+    'vllm:cache_config_info{block_size="16",cache_dtype="auto",calculate_kv_scales="False",'
+    'enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_cpu_blocks="None",'
+    'num_gpu_blocks="1000",num_gpu_blocks_override="None",prefix_caching_hash_algo="sha256"} 1.0\n'
+)
 
 # An engine of an older release (0.9): the previous names of the renamed series.
 PREVIOUS = CURRENT.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc").replace(
