@@ -108,6 +108,7 @@ class _Job:
     queued_until: float | None = None
     done: bool = False
     live: Request | None = None  # the engine request now serving this job
+    forwarded_by: str | None = None  # the router that forwarded it to a peer (its ledger counts it)
 
 
 class _CountingEngine(Engine):
@@ -151,7 +152,6 @@ class _Router:
         self.ledger = OptimisticLedger()
         self.outstanding: dict[str, int] = {}
         self.down: set[str] = set()  # engines this router saw fail since their last good scrape
-        self.routed_since: set[str] = set()
         self.queue: deque[_Job] = deque()
         self.summary: dict | None = None
         self.summary_at: float | None = None
@@ -421,12 +421,14 @@ class Simulator:
             if s is None:
                 out.append(replace(other.region, remote=True))
                 continue
+            # What this router forwarded since the summary is not in it yet (as the gateway does).
+            free = s["free"] - router.ledger.pending(key)
             out.append(
                 replace(
                     other.region,
                     remote=True,
-                    free_tokens=s["free"],
-                    largest_free_tokens=s["largest"],
+                    free_tokens=free,
+                    largest_free_tokens=min(s["largest"], free),
                     healthy_engines=s["healthy"],
                     queue=len(other.queue),
                     summarized_at=other.summary_at,
@@ -460,6 +462,9 @@ class Simulator:
             if cand.engine is None:
                 peer = self.routers[cand.region]
                 router.spills += 1
+                router.ledger.routed(peer.key, job, job.need, now)
+                job.forwarded_by = router.key
+                self._rv_cache.pop(router.key, None)
                 lat = network.one_way_s(router.cloud_region, peer.cloud_region)
                 job.attempts += 1
                 self.loop.schedule(now + lat, self._on_engine_in, job, ("peer", peer.key, hop_s + lat))
@@ -471,8 +476,7 @@ class Simulator:
                 router.down.add(eng.id)
                 job.excluded.add(eng.id)
                 continue
-            router.ledger.routed(eng.id, job.need, now)
-            router.routed_since.add(eng.id)
+            router.ledger.routed(eng.id, job, job.need, now)
             router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
             router.routed += 1
             lat = network.INTRA_REGION_MS / 1000.0
@@ -513,15 +517,17 @@ class Simulator:
             # Back at the origin: the peer was full (429). The gateway tries its other candidates;
             # with none left the client gets a clean "no room" answer.
             job.excluded.add(where[1])
+            self._unforward(job)
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0, after_refusal=True)
             return
         _, eid, ret_s, router_key = where
         eng = self._by_id[eid]
         router = self.routers[router_key]
         if not eng.alive:
-            self._release(router, eid)
+            self._release(router, eid, job)
             router.down.add(eid)
             job.excluded.add(eid)
+            self._unforward(job)
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
             return
         job.return_s = ret_s + network.CLIENT_MS / 1000.0
@@ -545,6 +551,7 @@ class Simulator:
         job = req.user_data[0]
         if job.live is not req:
             return  # an engine that died with its region finishing its last window
+        self.routers[req.user_data[1]].ledger.progress(job, req.prompt_len + 1)
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s
             job.rec.ttft_s = job.first_token_at - job.item.at_s
@@ -553,11 +560,10 @@ class Simulator:
         job, router_key, eid = req.user_data
         if job.live is not req:
             return
-        self._release(self.routers[router_key], eid)
+        self._release(self.routers[router_key], eid, job)
         if job.done:
             return
-        job.done = True
-        self._open_jobs -= 1
+        self._close(job)
         rec = job.rec
         end = t + job.return_s
         rec.outcome = OK
@@ -566,26 +572,37 @@ class Simulator:
         if rec.max_tokens > 1 and job.first_token_at is not None:
             rec.tpot_s = (end - job.first_token_at) / (rec.max_tokens - 1)
 
-    def _release(self, router: _Router, eid: str) -> None:
+    def _release(self, router: _Router, eid: str, job: _Job) -> None:
+        router.ledger.done(job)
         n = router.outstanding.get(eid, 0) - 1
         if n > 0:
             router.outstanding[eid] = n
         else:
             router.outstanding.pop(eid, None)
 
+    def _close(self, job: _Job) -> None:
+        job.done = True
+        self._open_jobs -= 1
+        self._unforward(job)
+
+    def _unforward(self, job: _Job) -> None:
+        """The origin router's accounting of a request it forwarded ends with the request."""
+        if job.forwarded_by is not None:
+            self.routers[job.forwarded_by].ledger.done(job)
+            self._rv_cache.pop(job.forwarded_by, None)
+            job.forwarded_by = None
+
     def _fail(self, job: _Job, now: float, why: str) -> None:
         if job.done:
             return
-        job.done = True
-        self._open_jobs -= 1
+        self._close(job)
         job.rec.outcome = FAILED
         job.rec.error = why
 
     def _reject(self, job: _Job, now: float) -> None:
         if job.done:
             return
-        job.done = True
-        self._open_jobs -= 1
+        self._close(job)
         job.rec.outcome = REJECTED
         job.rec.error = "429"
 
@@ -607,10 +624,6 @@ class Simulator:
         self._rv_cache.clear()
         for router in self.routers.values():
             ledger = router.ledger
-            for eid in router.routed_since:
-                ledger.on_sample(eid, now)
-            pend = {eid: ledger.pending(eid) for eid in router.routed_since}
-            router.routed_since = {eid for eid, p in pend.items() if p}
             free = largest = 0.0
             healthy = 0
             for e in router.engines:
@@ -629,7 +642,13 @@ class Simulator:
                     e.room = st.free_tokens - st.num_waiting * per_waiting
                 e.sampled_at = now
                 healthy += 1
-                room = e.room - pend.get(e.id, 0.0)
+                if eng.requests:
+                    # what the streams through this router have materialized (the gateway counts
+                    # prompt + tokens relayed, per chunk; here once per scrape round)
+                    for req in eng.requests.values():
+                        if req.num_output_tokens and req.user_data[1] == router.key:
+                            ledger.progress(req.user_data[0], req.prompt_len + req.num_output_tokens)
+                room = e.room - ledger.pending(e.id)
                 if room > 0:
                     free += room
                     if room > largest:
@@ -638,6 +657,10 @@ class Simulator:
                 router.down = {eid for eid in router.down if not router.by_id[eid].alive}
             router.summary = {"free": free, "largest": largest, "healthy": healthy}
             router.summary_at = now
+        for router in self.routers.values():
+            for key in self.routers:
+                if key != router.key:
+                    router.ledger.covered(key, now)  # the fresh summaries include what was forwarded
         # queued requests get another look with the new data (the gateway wakes its queue per round)
         for router in self.routers.values():
             if router.queue:
@@ -670,7 +693,7 @@ class Simulator:
             self._lost_prefix[1] += e.engine.prefix_cache_hits
         for req in lost:
             job, router_key, eid = req.user_data
-            self._release(self.routers[router_key], eid)
+            self._release(self.routers[router_key], eid, job)
             if job.done:
                 continue
             # The owning router sees the connection reset at once.
@@ -682,6 +705,7 @@ class Simulator:
                 job.rec.continued = True
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
             job.live = None
+            self._unforward(job)
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
         for e in router.engines:
