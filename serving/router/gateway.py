@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from gpufleet.serving.router.breaker import BreakerBoard
+from gpufleet.serving.router.breaker import BreakerBoard, CircuitBreaker
 from gpufleet.serving.router.config import RegionInfo, RouterConfig
 from gpufleet.serving.router.metrics import RouterMetrics
 from gpufleet.serving.router.policy import (
@@ -476,8 +476,7 @@ class Router:
         """The first candidate whose breaker lets a request through now (half-open: as the probe)."""
         now = self.clock()
         for c in cands:
-            b = self.breakers.engine(c.engine) if c.engine is not None else self.breakers.region(c.region)
-            if b.allow(now):
+            if self._breaker(c).allow(now):
                 return c
         return None
 
@@ -485,7 +484,7 @@ class Router:
         # Local engines each have a breaker; a region's breaker guards forwarding to its router, so
         # one sick local engine cannot shut the whole local region.
         now = self.clock()
-        b = self.breakers.engine(cand.engine) if cand.engine is not None else self.breakers.region(cand.region)
+        b = self._breaker(cand)
         b.success(now) if ok else b.failure(now)
 
     def _url(self, cand: Candidate, path: str) -> str:
@@ -530,9 +529,13 @@ class Router:
             )
         raise HttpError(503, f"no engine could serve the request ({last_error})", "service_unavailable")
 
+    def _breaker(self, cand: Candidate) -> CircuitBreaker:
+        if cand.engine is not None:
+            return self.breakers.engine(cand.engine)
+        return self.breakers.region(cand.region)
+
     def _release(self, cand: Candidate) -> None:
-        b = self.breakers.engine(cand.engine) if cand.engine is not None else self.breakers.region(cand.region)
-        b.release()
+        self._breaker(cand).release()
 
     def _note_sent(self, cand: Candidate, job: _Job, key: object) -> None:
         # The whole demand counts against the target until the answer shows up in its KV cache.

@@ -104,6 +104,8 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
             continue
         if 0 <= brace < space:
             name = raw[:brace]
+            if name not in _WANTED:  # e.g. histogram buckets: skip before the label parse
+                continue
             close = raw.rfind("}")
             if close < brace:
                 raise MetricsError(f"unbalanced braces in {raw[:80]!r}")

@@ -297,7 +297,7 @@ def test_router_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch, mi
 
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(
-        "fleet: t\nmodels: [{name: m, catalog: llama-3.1-8b}]\n"
+        "fleet: tok\nmodels: [{name: m, catalog: llama-3.1-8b}]\n"
         "regions: [{cloud: aws, region: us-east-1, gpu: H100-80GB, nodes: {max: 1},"
         " endpoints: {engines: ['http://127.0.0.1:9']}}]\n"
     )
@@ -305,5 +305,5 @@ def test_router_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch, mi
     if missing == "short":
         monkeypatch.setenv("GPUFLEET_ADMIN_TOKEN", "abc")
     res = CliRunner().invoke(app, ["router", "serve", "--fleet", str(fleet), "--region", "aws-us-east-1"])
-    assert res.exit_code == 3
+    assert res.exit_code == 3, res.output
     assert "admin token" in res.output

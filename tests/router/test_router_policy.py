@@ -193,9 +193,9 @@ def test_optimistic_accounting_spreads_a_burst():
         chosen.append(target)
     # Without the ledger all six would go to "a"; with it, the headrooms stay within one request.
     assert chosen == ["a", "a", "b", "a", "b", "a"]
-    # Nothing more fits on either: 10k - 8k = 2k on "a" is exactly one more; then none.
+    # Left: 2,000 on "a", 4,000 on "b"; more than that fits nowhere.
     views = [replace(e, pending_tokens=ledger.pending(e.id)) for e in base]
-    assert ids(p.choose(RoutedRequest(2_001), views, REGIONS, NOW)) == []
+    assert ids(p.choose(RoutedRequest(4_001), views, REGIONS, NOW)) == []
 
 
 @settings(max_examples=200, deadline=None)
