@@ -263,12 +263,16 @@ class AzureGpuCluster(Construct):
         taints = [f"nvidia.com/gpu=present:{GPU_TAINT_EFFECT}"]
         extra: dict = {}
         depends: list = []
+        zones = list(p.zones)
         if pool.tier == "spot":
             taints.append(SPOT_TAINT)
             extra = {"priority": "Spot", "eviction_policy": "Delete", "spot_max_price": -1}
         elif pool.tier == "reserved":
             extra = {"capacity_reservation_group_id": pool.reservation_id}
             depends = [self._reservation_grant(pool)]
+            # Reserved capacity sits in one zone: a pool spread over others would scale into zones
+            # the reservation does not cover (and pay on-demand there). Pin the first listed zone.
+            zones = zones[:1]
         kubernetes_cluster_node_pool.KubernetesClusterNodePool(
             self,
             f"{pool.name}-pool",
@@ -282,7 +286,7 @@ class AzureGpuCluster(Construct):
             max_count=pool.max_nodes,
             node_taints=taints,
             node_labels=pool.labels,
-            zones=list(p.zones) or None,
+            zones=zones or None,
             vnet_subnet_id=self.subnet.id,
             host_encryption_enabled=True,
             max_pods=50,

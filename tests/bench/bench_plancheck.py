@@ -50,7 +50,7 @@ def main() -> None:
         "--fleet",
         args.fleet,
         "--waivers",
-        str(REPO / "plan-check-waivers.yaml"),
+        str(REPO / "waivers.yaml"),
         "--format",
         "json",
         "--output",

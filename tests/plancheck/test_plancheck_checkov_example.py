@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from .conftest import CDKTF_OUT, FIXTURES, PLANS, REPO
 
 runner = CliRunner()
-WAIVERS = REPO / "plan-check-waivers.yaml"
+WAIVERS = REPO / "waivers.yaml"
 CHECKOV = checkov.find_checkov(REPO)
 needs_checkov = pytest.mark.skipif(
     CHECKOV is None, reason="checkov not installed (make setup puts it in .venv-tools)"
