@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import typer
-
 from gpufleet.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_ENVIRONMENT,
@@ -33,7 +32,9 @@ DEFAULT_SNAPSHOT = Path("capacity-snapshot.json")
 ALL_CLOUDS = ("aws", "gcp", "azure")
 
 capacity_app = typer.Typer(
-    help="Where GPUs can be had: scan the clouds, then place a fleet.", no_args_is_help=True, rich_markup_mode=None
+    help="Where GPUs can be had: scan the clouds, then place a fleet.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 
@@ -77,16 +78,24 @@ def _exit_code(result) -> int:
 
 @capacity_app.command("scan")
 def scan_cmd(
-    gpu: list[str] = typer.Option(None, "--gpu", help="GPU type(s), repeat or comma-separate (default H100-80GB)"),
+    gpu: list[str] = typer.Option(
+        None, "--gpu", help="GPU type(s), repeat or comma-separate (default H100-80GB)"
+    ),
     clouds: str = typer.Option(None, "--clouds", help="comma list of aws, gcp, azure (default all three)"),
     regions: str = typer.Option(None, "--regions", help="comma list of regions, any cloud's (default: all)"),
     as_json: bool = typer.Option(False, "--json", help="print the snapshot JSON instead of a table"),
     out: Path = typer.Option(DEFAULT_SNAPSHOT, "--out", help="where to save the snapshot"),
     concurrency: int = typer.Option(24, "--concurrency", min=1, max=128, help="API calls in flight at once"),
     timeout: float = typer.Option(20.0, "--timeout", min=0.1, max=600, help="seconds per API call"),
-    attempts: int = typer.Option(4, "--attempts", min=1, max=10, help="tries per API call (throttling, timeouts)"),
-    gcp_project: str = typer.Option(None, "--gcp-project", help="GCP project (default GOOGLE_CLOUD_PROJECT / ADC)"),
-    azure_subscription: str = typer.Option(None, "--azure-subscription", help="default AZURE_SUBSCRIPTION_ID"),
+    attempts: int = typer.Option(
+        4, "--attempts", min=1, max=10, help="tries per API call (throttling, timeouts)"
+    ),
+    gcp_project: str = typer.Option(
+        None, "--gcp-project", help="GCP project (default GOOGLE_CLOUD_PROJECT / ADC)"
+    ),
+    azure_subscription: str = typer.Option(
+        None, "--azure-subscription", help="default AZURE_SUBSCRIPTION_ID"
+    ),
 ) -> None:
     """Scan AWS, GCP and Azure for a GPU type: zones offering it, quota left in GPUs, spot score, price."""
     from gpufleet.stacks.capacity.model import cloud_of_region
@@ -102,8 +111,10 @@ def scan_cmd(
             fail("--regions: give at least one region name")
         unknown = [r for r in region_list if cloud_of_region(r) is None]
         if unknown:
-            fail(f"--regions: {', '.join(unknown)} is not a region name of AWS (us-east-1), GCP (us-central1) "
-                 "or Azure (eastus)")
+            fail(
+                f"--regions: {', '.join(unknown)} is not a region name of AWS (us-east-1), GCP (us-central1) "
+                "or Azure (eastus)"
+            )
     if out.is_dir():
         fail(f"--out: {out} is a directory; give a file name")
     if not out.parent.exists():
@@ -117,19 +128,39 @@ def scan_cmd(
         if own == []:
             skipped.append(cloud)
             continue
-        opts = ScanOptions(gpus=gpus, clouds=[cloud], regions=own, concurrency=concurrency, call_timeout_s=timeout,
-                           attempts=attempts, gcp_project=gcp_project, azure_subscription=azure_subscription,
-                           endpoints=_endpoints())
+        opts = ScanOptions(
+            gpus=gpus,
+            clouds=[cloud],
+            regions=own,
+            concurrency=concurrency,
+            call_timeout_s=timeout,
+            attempts=attempts,
+            gcp_project=gcp_project,
+            azure_subscription=azure_subscription,
+            endpoints=_endpoints(),
+        )
         adapters.append(make_adapter(cloud, opts))
     if not adapters:
         fail(f"--regions names no region of {', '.join(wanted)}")
-    opts = ScanOptions(gpus=gpus, clouds=[a.cloud for a in adapters], concurrency=concurrency,
-                       call_timeout_s=timeout, attempts=attempts)
+    opts = ScanOptions(
+        gpus=gpus,
+        clouds=[a.cloud for a in adapters],
+        concurrency=concurrency,
+        call_timeout_s=timeout,
+        attempts=attempts,
+    )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True, disable=as_json and not err.is_terminal) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=as_json and not err.is_terminal,
+        ) as bar:
             task = bar.add_task(f"scanning {', '.join(a.cloud for a in adapters)}", total=len(adapters))
 
             def progress(what: str, done: int, total: int) -> None:
@@ -143,7 +174,9 @@ def scan_cmd(
 
     clouds_state = dict(result.clouds)
     for cloud in skipped:
-        clouds_state[cloud] = CloudResult(cloud, status="skipped", notes=["no region of this cloud in --regions"])
+        clouds_state[cloud] = CloudResult(
+            cloud, status="skipped", notes=["no region of this cloud in --regions"]
+        )
     snap = Snapshot(Snapshot.now(), gpus, clouds_state, result.rows)
     try:
         write_snapshot(snap, out)
@@ -161,21 +194,43 @@ def scan_cmd(
                 err.print(f"[yellow]{cloud} {region}: {e['kind']}:[/] {e['message']}", markup=True)
         for note in state.notes:
             err.print(f"[yellow]{cloud}:[/] {note}", markup=True)
-    err.print(f"snapshot written to {out} ({len(snap.regions)} rows, {result.seconds:.1f} s, "
-              f"{result.retries} retries)")
+    err.print(
+        f"snapshot written to {out} ({len(snap.regions)} rows, {result.seconds:.1f} s, "
+        f"{result.retries} retries)"
+    )
     raise typer.Exit(_exit_code(result))
 
 
 def _print_scan(snap, result) -> None:
     from rich.table import Table
 
-    rows = sorted(snap.regions, key=lambda r: (-r.obtainable("on-demand"), r.price_per_gpu is None,
-                                               r.price_per_gpu or 0, r.cloud, r.region))
+    rows = sorted(
+        snap.regions,
+        key=lambda r: (
+            -r.obtainable("on-demand"),
+            r.price_per_gpu is None,
+            r.price_per_gpu or 0,
+            r.cloud,
+            r.region,
+        ),
+    )
     table = Table(title=f"GPU capacity {', '.join(snap.gpus)} at {snap.taken_at}")
-    for col in ("cloud", "region", "gpu", "instance", "zones", "on-demand quota", "obtainable GPUs", "spot GPUs",
-                "spot score", "$/GPU-h"):
-        table.add_column(col, justify="right" if col in ("obtainable GPUs", "spot GPUs", "spot score", "$/GPU-h")
-                         else "left")
+    for col in (
+        "cloud",
+        "region",
+        "gpu",
+        "instance",
+        "zones",
+        "on-demand quota",
+        "obtainable GPUs",
+        "spot GPUs",
+        "spot score",
+        "$/GPU-h",
+    ):
+        table.add_column(
+            col,
+            justify="right" if col in ("obtainable GPUs", "spot GPUs", "spot score", "$/GPU-h") else "left",
+        )
     for r in rows:
         q = r.quota.get("on-demand")
         if q is None:
@@ -184,8 +239,14 @@ def _print_scan(snap, result) -> None:
             used = "?" if q.used is None else f"{q.used:g}"
             quota = f"{used}/{q.limit:g} {q.unit}s"
         table.add_row(
-            r.cloud, r.region, r.gpu, r.instance_type or "not offered", ",".join(z.rsplit("-", 1)[-1] for z in r.zones)
-            or "-", quota, str(r.obtainable("on-demand")), str(r.obtainable("spot")),
+            r.cloud,
+            r.region,
+            r.gpu,
+            r.instance_type or "not offered",
+            ",".join(z.rsplit("-", 1)[-1] for z in r.zones) or "-",
+            quota,
+            str(r.obtainable("on-demand")),
+            str(r.obtainable("spot")),
             "-" if r.spot_score is None else str(r.spot_score),
             "-" if r.price_per_gpu is None else f"{r.price_per_gpu:,.2f}",
         )
@@ -200,7 +261,9 @@ def place_cmd(
     gpus: int = typer.Option(..., "--gpus", help="how many GPUs the fleet needs"),
     max_price: float = typer.Option(None, "--max-price", help="highest USD per GPU-hour to accept"),
     clouds: str = typer.Option(None, "--clouds", help="comma list of aws, gcp, azure (default all)"),
-    snapshot: Path = typer.Option(DEFAULT_SNAPSHOT, "--snapshot", help="snapshot from `gpufleet capacity scan`"),
+    snapshot: Path = typer.Option(
+        DEFAULT_SNAPSHOT, "--snapshot", help="snapshot from `gpufleet capacity scan`"
+    ),
     tier: str = typer.Option("on-demand", "--tier", help="on-demand or spot quota"),
     write: Path = typer.Option(None, "--write", help="append the region entries to this fleet file"),
     as_json: bool = typer.Option(False, "--json", help="print the placement as JSON"),
@@ -229,8 +292,10 @@ def place_cmd(
     except SnapshotError as exc:
         fail(str(exc))
     if gpu_key not in snap.gpus:
-        fail(f"snapshot {snapshot} has no scan of {gpu_key} (it has {', '.join(snap.gpus) or 'none'}): "
-             f"run `gpufleet capacity scan --gpu {gpu_key}`")
+        fail(
+            f"snapshot {snapshot} has no scan of {gpu_key} (it has {', '.join(snap.gpus) or 'none'}): "
+            f"run `gpufleet capacity scan --gpu {gpu_key}`"
+        )
     exclude: set[tuple[str, str]] = set()
     err = console(stderr=True)
     if write is not None:
@@ -246,22 +311,45 @@ def place_cmd(
         fail(str(exc), EXIT_FINDINGS)
     entries = render_entries(placement, taken_at=snap.taken_at)
     if as_json:
-        typer.echo(json.dumps({
-            "gpu": gpu_key, "gpus": placement.gpus, "wanted": gpus, "tier": tier,
-            "usd_per_hour": placement.cost_per_hour, "snapshot_taken_at": snap.taken_at,
-            "regions": [{"cloud": p.row.cloud, "region": p.row.region, "instance_type": p.row.instance_type,
-                         "nodes": p.nodes, "gpus": p.gpus, "zones": p.row.zones, "usd_per_hour": p.cost_per_hour}
-                        for p in placement.picks],
-            "fleet_entries": entries,
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "gpu": gpu_key,
+                    "gpus": placement.gpus,
+                    "wanted": gpus,
+                    "tier": tier,
+                    "usd_per_hour": placement.cost_per_hour,
+                    "snapshot_taken_at": snap.taken_at,
+                    "regions": [
+                        {
+                            "cloud": p.row.cloud,
+                            "region": p.row.region,
+                            "instance_type": p.row.instance_type,
+                            "nodes": p.nodes,
+                            "gpus": p.gpus,
+                            "zones": p.row.zones,
+                            "usd_per_hour": p.cost_per_hour,
+                        }
+                        for p in placement.picks
+                    ],
+                    "fleet_entries": entries,
+                },
+                indent=2,
+            )
+        )
     else:
         out = console()
         cost = placement.cost_per_hour
-        out.print(f"{placement.gpus} x {gpu_key} ({tier}) over {len(placement.picks)} region(s)"
-                  + (f", ${cost:,.2f}/h at max" if cost is not None else "") + f"; snapshot {snap.taken_at}")
+        out.print(
+            f"{placement.gpus} x {gpu_key} ({tier}) over {len(placement.picks)} region(s)"
+            + (f", ${cost:,.2f}/h at max" if cost is not None else "")
+            + f"; snapshot {snap.taken_at}"
+        )
         if len(placement.picks) == 1:
-            out.print("[yellow]note:[/] only one region has room; the fleet has no second region to fall back on",
-                      markup=True)
+            out.print(
+                "[yellow]note:[/] only one region has room; the fleet has no second region to fall back on",
+                markup=True,
+            )
         typer.echo("regions:")
         typer.echo(entries, nl=False)
     if write is not None:

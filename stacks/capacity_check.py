@@ -40,18 +40,24 @@ def check_fleet(fleet, snap: Snapshot) -> list[str]:
                 warnings.append(f"{key}: not in the capacity snapshot{why}; not checked")
             continue
         if not row.offered:
-            warnings.append(f"{key}: {gpu} is not offered there (no zone offers "
-                            f"{', '.join(i.name for i in _catalog_types(cloud, gpu))})")
+            warnings.append(
+                f"{key}: {gpu} is not offered there (no zone offers "
+                f"{', '.join(i.name for i in _catalog_types(cloud, gpu))})"
+            )
             continue
         offer = next((o for o in row.offers if o.name == it.name), None)
         if offer is None:
-            warnings.append(f"{key}: instance type {it.name} is not offered there; offered: "
-                            f"{', '.join(o.name for o in row.offers)}")
+            warnings.append(
+                f"{key}: instance type {it.name} is not offered there; offered: "
+                f"{', '.join(o.name for o in row.offers)}"
+            )
             continue
         missing = sorted(set(r.zones) - set(offer.zones))
         if missing:
-            warnings.append(f"{key}: {it.name} is not offered in zone(s) {', '.join(missing)}; "
-                            f"offered in {', '.join(offer.zones) or 'no zone'}")
+            warnings.append(
+                f"{key}: {it.name} is not offered in zone(s) {', '.join(missing)}; "
+                f"offered in {', '.join(offer.zones) or 'no zone'}"
+            )
         tier = r.capacity.tier.value
         if tier == "reserved":
             continue  # a reservation brings its own capacity

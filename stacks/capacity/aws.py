@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gpufleet.stacks import catalog
@@ -29,14 +30,36 @@ from gpufleet.stacks.capacity.model import (
 from gpufleet.stacks.capacity.scan import Caller, ScanOptions
 
 TIERS = {"on_demand": "on-demand", "spot": "spot"}
-_THROTTLE = {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-             "RequestThrottled", "SlowDown", "ProvisionedThroughputExceededException"}
-_DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "UnauthorizedAccess",
-           "Forbidden"}
-_BAD_CREDENTIALS = {"AuthFailure", "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch",
-                    "ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId", "RequestExpired"}
-_PERMISSIONS = ("ec2:DescribeRegions, ec2:DescribeInstanceTypeOfferings, ec2:DescribeInstanceTypes, "
-                "servicequotas:GetServiceQuota, cloudwatch:GetMetricData")
+_THROTTLE = {
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "RequestThrottled",
+    "SlowDown",
+    "ProvisionedThroughputExceededException",
+}
+_DENIED = {
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnauthorizedOperation",
+    "UnauthorizedAccess",
+    "Forbidden",
+}
+_BAD_CREDENTIALS = {
+    "AuthFailure",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidAccessKeyId",
+    "RequestExpired",
+}
+_PERMISSIONS = (
+    "ec2:DescribeRegions, ec2:DescribeInstanceTypeOfferings, ec2:DescribeInstanceTypes, "
+    "servicequotas:GetServiceQuota, cloudwatch:GetMetricData"
+)
 
 
 def translate(exc: BaseException) -> CloudError:
@@ -46,9 +69,11 @@ def translate(exc: BaseException) -> CloudError:
     if isinstance(exc, CloudError):
         return exc
     if isinstance(exc, (be.NoCredentialsError, be.PartialCredentialsError, be.CredentialRetrievalError)):
-        return CloudError(ErrorKind.no_credentials,
-                          "aws: no credentials found: run `aws configure` or `aws sso login`, or set AWS_PROFILE "
-                          "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return CloudError(
+            ErrorKind.no_credentials,
+            "aws: no credentials found: run `aws configure` or `aws sso login`, or set AWS_PROFILE "
+            "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY",
+        )
     if isinstance(exc, (be.ReadTimeoutError, be.ConnectTimeoutError)):
         return CloudError(ErrorKind.timeout, f"aws: the API did not answer in time ({exc})")
     if isinstance(exc, (be.EndpointConnectionError, be.ConnectionClosedError)):
@@ -62,21 +87,30 @@ def translate(exc: BaseException) -> CloudError:
         if code in _THROTTLE or status == 429:
             return CloudError(ErrorKind.throttled, f"aws: throttled on {op} ({code})", status=status)
         if code in _DENIED:
-            return CloudError(ErrorKind.denied,
-                              f"aws: access denied to {op}: give the caller read access ({_PERMISSIONS})",
-                              status=status)
+            return CloudError(
+                ErrorKind.denied,
+                f"aws: access denied to {op}: give the caller read access ({_PERMISSIONS})",
+                status=status,
+            )
         if code in _BAD_CREDENTIALS:
-            return CloudError(ErrorKind.no_credentials,
-                              f"aws: the credentials were rejected ({code}): refresh them (`aws sso login`, "
-                              "`aws configure`)", status=status)
+            return CloudError(
+                ErrorKind.no_credentials,
+                f"aws: the credentials were rejected ({code}): refresh them (`aws sso login`, "
+                "`aws configure`)",
+                status=status,
+            )
         if code == "OptInRequired":
-            return CloudError(ErrorKind.not_enabled, f"aws: the region is not enabled for this account: {message}",
-                              status=status)
+            return CloudError(
+                ErrorKind.not_enabled,
+                f"aws: the region is not enabled for this account: {message}",
+                status=status,
+            )
         if code == "NoSuchResourceException":
             return CloudError(ErrorKind.not_found, f"aws: {op}: {message or code}", status=status)
         if status is not None and status >= 500:
-            return CloudError(ErrorKind.unreachable, f"aws: {op} failed on the server side ({code} {status})",
-                              status=status)
+            return CloudError(
+                ErrorKind.unreachable, f"aws: {op} failed on the server side ({code} {status})", status=status
+            )
         return CloudError(ErrorKind.failed, f"aws: {op} failed: {code}: {message}", status=status)
     if isinstance(exc, be.BotoCoreError):
         return CloudError(ErrorKind.failed, f"aws: {exc}")
@@ -93,6 +127,9 @@ class AwsAdapter:
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()  # boto3 sessions are not thread-safe when creating clients
         self._types = {g: catalog.instances_for_gpu("aws", g) for g in opts.gpus}
+        # Calls inside one region that can overlap; a separate pool, so region workers that wait on it
+        # can never starve it (they do not run in it).
+        self._pool = ThreadPoolExecutor(max_workers=max(2, opts.concurrency), thread_name_prefix="aws-calls")
 
     # -- clients ------------------------------------------------------------------------------------
     def _client(self, service: str, region: str) -> Any:
@@ -118,13 +155,17 @@ class AwsAdapter:
         try:
             import boto3
         except ImportError as exc:
-            raise CloudError(ErrorKind.sdk_missing,
-                             f"aws: boto3 is not installed ({exc.name}): pip install 'gpufleet[clouds]'") from None
+            raise CloudError(
+                ErrorKind.sdk_missing,
+                f"aws: boto3 is not installed ({exc.name}): pip install 'gpufleet[clouds]'",
+            ) from None
         if self._session is None:
             try:
                 self._session = boto3.Session()
             except Exception as exc:  # noqa: BLE001 - a broken profile is a credentials problem
-                raise CloudError(ErrorKind.no_credentials, f"aws: cannot load the AWS profile: {exc}") from None
+                raise CloudError(
+                    ErrorKind.no_credentials, f"aws: cannot load the AWS profile: {exc}"
+                ) from None
         if self._session.get_credentials() is None:
             from botocore.exceptions import NoCredentialsError
 
@@ -141,7 +182,9 @@ class AwsAdapter:
         if not regions:
             return {}
         return {
-            f"spot-scores:{g}": (lambda g=g: self._spot_scores(home, g, regions)) for g, its in self._types.items() if its
+            f"spot-scores:{g}": (lambda g=g: self._spot_scores(home, g, regions))
+            for g, its in self._types.items()
+            if its
         }
 
     def scan_region(self, region: str) -> list[RegionCapacity]:
@@ -151,15 +194,26 @@ class AwsAdapter:
         if wanted:
             pages = self.caller.call(
                 "describe_instance_type_offerings",
-                lambda: list(ec2.get_paginator("describe_instance_type_offerings").paginate(
-                    LocationType="availability-zone",
-                    Filters=[{"Name": "instance-type", "Values": wanted}],
-                )),
+                lambda: list(
+                    ec2.get_paginator("describe_instance_type_offerings").paginate(
+                        LocationType="availability-zone",
+                        Filters=[{"Name": "instance-type", "Values": wanted}],
+                    )
+                ),
             )
             for page in pages:
                 for o in page.get("InstanceTypeOfferings", []):
                     zones.setdefault(o["InstanceType"], set()).add(o["Location"])
-        shapes = self._shapes(ec2, sorted(zones)) if zones else {}
+        # Instance shapes and the quotas of the offered types do not depend on each other: ask at once,
+        # so a region costs three round trips (offerings, shapes + quotas, usage) instead of five.
+        codes = sorted({c for name in zones for c in catalog.instance_type("aws", name).quota.values()})
+        shapes: dict[str, tuple[int, int, str]] = {}
+        quotas: dict[str, dict[str, Any]] = {}
+        if zones:
+            shapes_f = self._pool.submit(self._shapes, ec2, sorted(zones))
+            quota_f = {code: self._pool.submit(self._quota, region, code) for code in codes}
+            shapes = shapes_f.result()
+            quotas = {code: f.result() for code, f in quota_f.items()}
         rows = []
         for g, its in self._types.items():
             row = RegionCapacity("aws", region, g)
@@ -171,16 +225,22 @@ class AwsAdapter:
                 if shape:
                     gpus, vcpus, gpu_name = shape
                     if gpus != it.gpus or vcpus != it.vcpus:
-                        row.notes.append(f"{it.name}: AWS reports {gpus} x {gpu_name} and {vcpus} vCPUs; "
-                                         f"the catalog says {it.gpus} GPUs and {it.vcpus} vCPUs")
-                row.offers.append(InstanceOffer(it.name, gpus, vcpus, sorted(zones[it.name]),
-                                                catalog.price("aws", region, it.name)))
+                        row.notes.append(
+                            f"{it.name}: AWS reports {gpus} x {gpu_name} and {vcpus} vCPUs; "
+                            f"the catalog says {it.gpus} GPUs and {it.vcpus} vCPUs"
+                        )
+                row.offers.append(
+                    InstanceOffer(
+                        it.name, gpus, vcpus, sorted(zones[it.name]), catalog.price("aws", region, it.name)
+                    )
+                )
             row.instance_type = choose_instance(row.offers)
             rows.append(row)
-        self._quotas(region, [r for r in rows if r.offered])
+        self._fill_quotas(region, [r for r in rows if r.offered], quotas)
         return rows
 
     def finish(self, rows, cloud_results, cloud_errors):
+        self._pool.shutdown(wait=False)
         result = CloudResult("aws")
         for key, err in cloud_errors.items():
             # Spot scores need ec2:GetSpotPlacementScores; without it the scan is still useful.
@@ -201,23 +261,31 @@ class AwsAdapter:
             out[t["InstanceType"]] = (count, t.get("VCpuInfo", {}).get("DefaultVCpus", 0), name)
         return out
 
-    def _quotas(self, region: str, rows: list[RegionCapacity]) -> None:
-        """Fill on-demand and spot quotas; the limit from service-quotas, usage from CloudWatch."""
+    def _quota(self, region: str, code: str) -> dict[str, Any]:
+        """One EC2 vCPU quota from service-quotas: the applied value, else the default."""
+        sq = self._client("service-quotas", region)
+        try:
+            doc = self.caller.call(
+                "get_service_quota", sq.get_service_quota, ServiceCode="ec2", QuotaCode=code
+            )
+        except CloudError as exc:
+            if exc.kind is not ErrorKind.not_found:
+                raise
+            # No applied value yet: the default is what the account has.
+            doc = self.caller.call(
+                "get_aws_default_service_quota",
+                sq.get_aws_default_service_quota,
+                ServiceCode="ec2",
+                QuotaCode=code,
+            )
+        return doc["Quota"]
+
+    def _fill_quotas(
+        self, region: str, rows: list[RegionCapacity], quotas: dict[str, dict[str, Any]]
+    ) -> None:
+        """Quota limits (service-quotas) and usage (CloudWatch) converted to GPUs of each row's instance."""
         if not rows:
             return
-        codes = sorted({code for r in rows for code in catalog.instance_type("aws", r.instance_type).quota.values()})
-        sq = self._client("service-quotas", region)
-        quotas: dict[str, dict[str, Any]] = {}
-        for code in codes:
-            try:
-                doc = self.caller.call("get_service_quota", sq.get_service_quota, ServiceCode="ec2", QuotaCode=code)
-            except CloudError as exc:
-                if exc.kind is not ErrorKind.not_found:
-                    raise
-                # No applied value yet: the default is what the account has.
-                doc = self.caller.call("get_aws_default_service_quota", sq.get_aws_default_service_quota,
-                                       ServiceCode="ec2", QuotaCode=code)
-            quotas[code] = doc["Quota"]
         used = self._usage(region, quotas)
         for row in rows:
             it = catalog.instance_type("aws", row.instance_type)
@@ -226,8 +294,14 @@ class AwsAdapter:
                 q = quotas.get(code)
                 if q is None:
                     continue
-                row.quota[TIERS[tier_key]] = Quota.of(code, "vcpu", float(q.get("Value", 0.0)), used.get(code),
-                                                      per_node=offer.vcpus, gpus_per_node=offer.gpus)
+                row.quota[TIERS[tier_key]] = Quota.of(
+                    code,
+                    "vcpu",
+                    float(q.get("Value", 0.0)),
+                    used.get(code),
+                    per_node=offer.vcpus,
+                    gpus_per_node=offer.gpus,
+                )
 
     def _usage(self, region: str, quotas: dict[str, dict[str, Any]]) -> dict[str, float]:
         """vCPUs in use per quota code, from each quota's own UsageMetric (what the console shows)."""
@@ -238,24 +312,34 @@ class AwsAdapter:
                 continue
             qid = f"q{i}"
             ids[qid] = code
-            queries.append({
-                "Id": qid,
-                "MetricStat": {
-                    "Metric": {
-                        "Namespace": m.get("MetricNamespace", "AWS/Usage"),
-                        "MetricName": m["MetricName"],
-                        "Dimensions": [{"Name": k, "Value": v} for k, v in sorted(m.get("MetricDimensions", {}).items())],
+            queries.append(
+                {
+                    "Id": qid,
+                    "MetricStat": {
+                        "Metric": {
+                            "Namespace": m.get("MetricNamespace", "AWS/Usage"),
+                            "MetricName": m["MetricName"],
+                            "Dimensions": [
+                                {"Name": k, "Value": v}
+                                for k, v in sorted(m.get("MetricDimensions", {}).items())
+                            ],
+                        },
+                        "Period": 3600,
+                        "Stat": m.get("MetricStatisticRecommendation", "Maximum"),
                     },
-                    "Period": 3600,
-                    "Stat": m.get("MetricStatisticRecommendation", "Maximum"),
-                },
-            })
+                }
+            )
         if not queries:
             return {}
         now = dt.datetime.now(dt.UTC)
         cw = self._client("cloudwatch", region)
-        doc = self.caller.call("get_metric_data", cw.get_metric_data, MetricDataQueries=queries,
-                               StartTime=now - dt.timedelta(hours=1), EndTime=now + dt.timedelta(minutes=1))
+        doc = self.caller.call(
+            "get_metric_data",
+            cw.get_metric_data,
+            MetricDataQueries=queries,
+            StartTime=now - dt.timedelta(hours=1),
+            EndTime=now + dt.timedelta(minutes=1),
+        )
         out: dict[str, float] = {}
         for res in doc.get("MetricDataResults", []):
             values = res.get("Values") or []
@@ -268,8 +352,18 @@ class AwsAdapter:
         types = [it.name for it in self._types[gpu]]
         pages = self.caller.call(
             "get_spot_placement_scores",
-            lambda: list(ec2.get_paginator("get_spot_placement_scores").paginate(
-                InstanceTypes=types, TargetCapacity=1, SingleAvailabilityZone=False, RegionNames=regions,
-            )),
+            lambda: list(
+                ec2.get_paginator("get_spot_placement_scores").paginate(
+                    InstanceTypes=types,
+                    TargetCapacity=1,
+                    SingleAvailabilityZone=False,
+                    RegionNames=regions,
+                )
+            ),
         )
-        return {s["Region"]: int(s["Score"]) for p in pages for s in p.get("SpotPlacementScores", []) if "Region" in s}
+        return {
+            s["Region"]: int(s["Score"])
+            for p in pages
+            for s in p.get("SpotPlacementScores", [])
+            if "Region" in s
+        }

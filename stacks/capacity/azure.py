@@ -1,4 +1,4 @@
-"""Azure: which VM sizes a region offers to this subscription, and the family vCPU quotas (azure-mgmt-compute).
+"""Azure: which VM sizes a region offers this subscription, and the family vCPU quotas (azure-mgmt-compute).
 
 Calls (FACTS.md section 3), per region:
   resource_skus.list(filter="location eq '<region>'")  sizes, zones, capabilities (GPUs, vCPUs), restrictions
@@ -39,34 +39,53 @@ def translate(exc: BaseException) -> CloudError:
     from azure.core import exceptions as ax
 
     if isinstance(exc, ax.ClientAuthenticationError):
-        return CloudError(ErrorKind.no_credentials,
-                          "azure: no usable credentials: run `az login`, or set AZURE_CLIENT_ID, AZURE_TENANT_ID "
-                          "and AZURE_CLIENT_SECRET", status=getattr(exc, "status_code", None))
+        return CloudError(
+            ErrorKind.no_credentials,
+            "azure: no usable credentials: run `az login`, or set AZURE_CLIENT_ID, AZURE_TENANT_ID "
+            "and AZURE_CLIENT_SECRET",
+            status=getattr(exc, "status_code", None),
+        )
     if isinstance(exc, ax.HttpResponseError):
         status = exc.status_code
         code = exc.error.code if exc.error is not None and exc.error.code else ""
         text = (exc.error.message if exc.error is not None and exc.error.message else exc.reason or "") or ""
         text = text.strip().splitlines()[0][:200] if text.strip() else ""
-        if status == 429 or code in ("TooManyRequests", "SubscriptionRequestsThrottled", "OperationNotAllowed429"):
+        if status == 429 or code in (
+            "TooManyRequests",
+            "SubscriptionRequestsThrottled",
+            "OperationNotAllowed429",
+        ):
             return CloudError(ErrorKind.throttled, f"azure: throttled ({code or status})", status=status)
         if code in ("MissingSubscriptionRegistration", "SubscriptionNotRegistered"):
-            return CloudError(ErrorKind.not_enabled,
-                              "azure: the subscription is not registered for Microsoft.Compute: "
-                              "`az provider register --namespace Microsoft.Compute`", status=status)
+            return CloudError(
+                ErrorKind.not_enabled,
+                "azure: the subscription is not registered for Microsoft.Compute: "
+                "`az provider register --namespace Microsoft.Compute`",
+                status=status,
+            )
         if status == 403 or code in ("AuthorizationFailed", "LinkedAuthorizationFailed"):
-            return CloudError(ErrorKind.denied,
-                              f"azure: access denied ({code or status}): give the caller the Reader role on the "
-                              "subscription", status=status)
+            return CloudError(
+                ErrorKind.denied,
+                f"azure: access denied ({code or status}): give the caller the Reader role on the "
+                "subscription",
+                status=status,
+            )
         if code in ("SubscriptionNotFound", "InvalidSubscriptionId"):
-            return CloudError(ErrorKind.bad_input,
-                              f"azure: subscription not found ({code}): check --azure-subscription / "
-                              "AZURE_SUBSCRIPTION_ID", status=status)
+            return CloudError(
+                ErrorKind.bad_input,
+                f"azure: subscription not found ({code}): check --azure-subscription / AZURE_SUBSCRIPTION_ID",
+                status=status,
+            )
         if status == 404 or code in ("NoRegisteredProviderFound", "LocationNotAvailableForResourceType"):
             return CloudError(ErrorKind.not_found, f"azure: {code or status}: {text}", status=status)
         if status is not None and status >= 500:
             return CloudError(ErrorKind.unreachable, f"azure: server error {status} ({code})", status=status)
         return CloudError(ErrorKind.failed, f"azure: {code or status}: {text}", status=status)
-    timeouts = tuple(getattr(ax, n) for n in ("ServiceRequestTimeoutError", "ServiceResponseTimeoutError") if hasattr(ax, n))
+    timeouts = tuple(
+        getattr(ax, n)
+        for n in ("ServiceRequestTimeoutError", "ServiceResponseTimeoutError")
+        if hasattr(ax, n)
+    )
     if timeouts and isinstance(exc, timeouts):
         return CloudError(ErrorKind.timeout, "azure: the API did not answer in time")
     if isinstance(exc, (ax.ServiceRequestError, ax.ServiceResponseError)):
@@ -96,8 +115,10 @@ class AzureAdapter:
         self._types = {g: catalog.instances_for_gpu("azure", g) for g in opts.gpus}
 
     def _call_kw(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"connection_timeout": min(5.0, self.opts.call_timeout_s),
-                              "read_timeout": self.opts.call_timeout_s}
+        kw: dict[str, Any] = {
+            "connection_timeout": min(5.0, self.opts.call_timeout_s),
+            "read_timeout": self.opts.call_timeout_s,
+        }
         if self.opts.endpoints.get("azure", "").startswith("http://"):
             # azure-core refuses bearer tokens over plain http; a loopback emulator has no TLS.
             kw["enforce_https"] = False
@@ -107,13 +128,16 @@ class AzureAdapter:
         try:
             from azure.mgmt.compute import ComputeManagementClient
         except ImportError as exc:
-            raise CloudError(ErrorKind.sdk_missing,
-                             f"azure: azure-mgmt-compute is not installed ({exc.name}): "
-                             "pip install 'gpufleet[clouds]'") from None
+            raise CloudError(
+                ErrorKind.sdk_missing,
+                f"azure: azure-mgmt-compute is not installed ({exc.name}): pip install 'gpufleet[clouds]'",
+            ) from None
         subscription = self.opts.azure_subscription or os.environ.get("AZURE_SUBSCRIPTION_ID")
         if not subscription:
-            raise CloudError(ErrorKind.no_credentials,
-                             "azure: no subscription: pass --azure-subscription or set AZURE_SUBSCRIPTION_ID")
+            raise CloudError(
+                ErrorKind.no_credentials,
+                "azure: no subscription: pass --azure-subscription or set AZURE_SUBSCRIPTION_ID",
+            )
         endpoint = self.opts.endpoints.get("azure")
         kwargs: dict[str, Any] = {"retry_total": 0}  # scan.Caller retries
         if endpoint:
@@ -123,9 +147,10 @@ class AzureAdapter:
             try:
                 from azure.identity import DefaultAzureCredential
             except ImportError as exc:
-                raise CloudError(ErrorKind.sdk_missing,
-                                 f"azure: azure-identity is not installed ({exc.name}): "
-                                 "pip install 'gpufleet[clouds]'") from None
+                raise CloudError(
+                    ErrorKind.sdk_missing,
+                    f"azure: azure-identity is not installed ({exc.name}): pip install 'gpufleet[clouds]'",
+                ) from None
             credential = DefaultAzureCredential()
             # Fail here, once, rather than in every region.
             self.caller.call("get_token", credential.get_token, ARM_SCOPE)
@@ -141,13 +166,18 @@ class AzureAdapter:
         wanted = {it.name.lower(): it for its in self._types.values() for it in its}
         skus = self.caller.call(
             "resource_skus.list",
-            lambda: [s for s in self._client.resource_skus.list(filter=f"location eq '{region}'", **self._call_kw())
-                     if (s.resource_type or "").lower() == "virtualmachines" and (s.name or "").lower() in wanted],
+            lambda: [
+                s
+                for s in self._client.resource_skus.list(filter=f"location eq '{region}'", **self._call_kw())
+                if (s.resource_type or "").lower() == "virtualmachines" and (s.name or "").lower() in wanted
+            ],
         )
         usages = self.caller.call(
             "usage.list", lambda: list(self._client.usage.list(region, **self._call_kw()))
         )
-        quota = {(u.name.value or "").lower(): (float(u.limit), float(u.current_value)) for u in usages if u.name}
+        quota = {
+            (u.name.value or "").lower(): (float(u.limit), float(u.current_value)) for u in usages if u.name
+        }
         found: dict[str, tuple[list[str], int, int, list[str]]] = {}
         for sku in skus:
             zones, notes = self._zones(sku, region)
@@ -155,8 +185,12 @@ class AzureAdapter:
             if zones is None:
                 found[sku.name.lower()] = ([], 0, 0, notes)
                 continue
-            found[sku.name.lower()] = (zones, int(float(caps.get("GPUs", 0) or 0)),
-                                       int(float(caps.get("vCPUs", 0) or 0)), notes)
+            found[sku.name.lower()] = (
+                zones,
+                int(float(caps.get("GPUs", 0) or 0)),
+                int(float(caps.get("vCPUs", 0) or 0)),
+                notes,
+            )
         rows = []
         cores = quota.get("cores")
         for g, its in self._types.items():
@@ -167,28 +201,46 @@ class AzureAdapter:
                 zones, gpus, vcpus, notes = found[it.name.lower()]
                 row.notes.extend(notes)
                 if not notes or zones:
-                    row.offers.append(InstanceOffer(it.name, gpus or it.gpus, vcpus or it.vcpus, zones,
-                                                    catalog.price("azure", region, it.name)))
+                    row.offers.append(
+                        InstanceOffer(
+                            it.name,
+                            gpus or it.gpus,
+                            vcpus or it.vcpus,
+                            zones,
+                            catalog.price("azure", region, it.name),
+                        )
+                    )
             row.instance_type = choose_instance(row.offers)
             offer = row.offer
             if offer is not None:
                 it = catalog.instance_type("azure", offer.name)
                 fam = quota.get((it.family or "").lower())
                 if fam is not None:
-                    q = Quota.of(it.family, "vcpu", fam[0], fam[1], per_node=offer.vcpus, gpus_per_node=offer.gpus)
+                    q = Quota.of(
+                        it.family, "vcpu", fam[0], fam[1], per_node=offer.vcpus, gpus_per_node=offer.gpus
+                    )
                     if cores is not None:
                         # The regional vCPU total caps every family.
-                        regional = Quota.of("cores", "vcpu", cores[0], cores[1], per_node=offer.vcpus,
-                                            gpus_per_node=offer.gpus)
+                        regional = Quota.of(
+                            "cores",
+                            "vcpu",
+                            cores[0],
+                            cores[1],
+                            per_node=offer.vcpus,
+                            gpus_per_node=offer.gpus,
+                        )
                         if regional.free_gpus < q.free_gpus:
                             q.free_gpus = regional.free_gpus
-                            row.notes.append(f"capped by the regional vCPU quota (cores: {cores[0] - cores[1]:g} free)")
+                            row.notes.append(
+                                f"capped by the regional vCPU quota (cores: {cores[0] - cores[1]:g} free)"
+                            )
                     row.quota["on-demand"] = q
                 spot_name = catalog.cloud_info("azure").get("spot_quota", "lowPriorityCores")
                 spot = quota.get(spot_name.lower())
                 if spot is not None:
-                    row.quota["spot"] = Quota.of(spot_name, "vcpu", spot[0], spot[1], per_node=offer.vcpus,
-                                                 gpus_per_node=offer.gpus)
+                    row.quota["spot"] = Quota.of(
+                        spot_name, "vcpu", spot[0], spot[1], per_node=offer.vcpus, gpus_per_node=offer.gpus
+                    )
             rows.append(row)
         return rows
 

@@ -50,30 +50,44 @@ def translate(exc: BaseException) -> CloudError:
     from google.auth import exceptions as gauth
 
     if isinstance(exc, (gauth.DefaultCredentialsError, gauth.RefreshError)):
-        return CloudError(ErrorKind.no_credentials,
-                          "gcp: no usable credentials: run `gcloud auth application-default login` or set "
-                          f"GOOGLE_APPLICATION_CREDENTIALS ({str(exc).splitlines()[0][:160]})")
+        return CloudError(
+            ErrorKind.no_credentials,
+            "gcp: no usable credentials: run `gcloud auth application-default login` or set "
+            f"GOOGLE_APPLICATION_CREDENTIALS ({str(exc).splitlines()[0][:160]})",
+        )
     if isinstance(exc, gex.GoogleAPICallError):
         status = exc.code if isinstance(exc.code, int) else None
         reasons = _reasons(exc)
         text = (exc.message or "").strip().splitlines()[0][:200] if exc.message else type(exc).__name__
         if status == 429 or reasons & _THROTTLE_REASONS:
             return CloudError(ErrorKind.throttled, f"gcp: rate limited ({text})", status=status)
-        if status == 403 and (reasons & _DISABLED_REASONS or "has not been used" in text or "is disabled" in text):
-            return CloudError(ErrorKind.not_enabled,
-                              "gcp: the Compute Engine API is not enabled for the project: "
-                              "`gcloud services enable compute.googleapis.com`", status=status)
+        if status == 403 and (
+            reasons & _DISABLED_REASONS or "has not been used" in text or "is disabled" in text
+        ):
+            return CloudError(
+                ErrorKind.not_enabled,
+                "gcp: the Compute Engine API is not enabled for the project: "
+                "`gcloud services enable compute.googleapis.com`",
+                status=status,
+            )
         if status == 403:
-            return CloudError(ErrorKind.denied,
-                              f"gcp: access denied ({text}): grant the caller roles/compute.viewer on the project",
-                              status=status)
+            return CloudError(
+                ErrorKind.denied,
+                f"gcp: access denied ({text}): grant the caller roles/compute.viewer on the project",
+                status=status,
+            )
         if status == 401:
-            return CloudError(ErrorKind.no_credentials,
-                              "gcp: the credentials were rejected: `gcloud auth application-default login`",
-                              status=status)
+            return CloudError(
+                ErrorKind.no_credentials,
+                "gcp: the credentials were rejected: `gcloud auth application-default login`",
+                status=status,
+            )
         if status == 404:
-            return CloudError(ErrorKind.not_found, f"gcp: not found ({text}); check the project and region names",
-                              status=status)
+            return CloudError(
+                ErrorKind.not_found,
+                f"gcp: not found ({text}); check the project and region names",
+                status=status,
+            )
         if status is not None and status >= 500:
             return CloudError(ErrorKind.unreachable, f"gcp: server error {status} ({text})", status=status)
         return CloudError(ErrorKind.failed, f"gcp: {text}", status=status)
@@ -140,10 +154,15 @@ class GcpAdapter:
         try:
             import google.cloud.compute_v1.services.regions  # noqa: F401
         except ImportError as exc:
-            raise CloudError(ErrorKind.sdk_missing,
-                             f"gcp: google-cloud-compute is not installed ({exc.name}): "
-                             "pip install 'gpufleet[clouds]'") from None
-        project = self.opts.gcp_project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get("CLOUDSDK_CORE_PROJECT")
+            raise CloudError(
+                ErrorKind.sdk_missing,
+                f"gcp: google-cloud-compute is not installed ({exc.name}): pip install 'gpufleet[clouds]'",
+            ) from None
+        project = (
+            self.opts.gcp_project
+            or os.environ.get("GOOGLE_CLOUD_PROJECT")
+            or os.environ.get("CLOUDSDK_CORE_PROJECT")
+        )
         if self.opts.endpoints.get("gcp"):
             from google.auth.credentials import AnonymousCredentials
 
@@ -159,13 +178,15 @@ class GcpAdapter:
                 raise translate(exc) from None
             project = project or adc_project
         if not project:
-            raise CloudError(ErrorKind.bad_input,
-                             "gcp: no project: pass --gcp-project or set GOOGLE_CLOUD_PROJECT")
+            raise CloudError(
+                ErrorKind.bad_input, "gcp: no project: pass --gcp-project or set GOOGLE_CLOUD_PROJECT"
+            )
         self.project = project
         if self.opts.regions is not None:
             return list(self.opts.regions)
         regions = self.caller.call(
-            "regions.list", lambda: [r.name for r in self._client("RegionsClient").list(project=project, **self._kw())]
+            "regions.list",
+            lambda: [r.name for r in self._client("RegionsClient").list(project=project, **self._kw())],
         )
         return sorted(regions)
 
@@ -182,7 +203,11 @@ class GcpAdapter:
 
     def scan_region(self, region: str) -> list[RegionCapacity]:
         doc = self.caller.call(
-            "regions.get", self._client("RegionsClient").get, project=self.project, region=region, **self._kw()
+            "regions.get",
+            self._client("RegionsClient").get,
+            project=self.project,
+            region=region,
+            **self._kw(),
         )
         quotas = {q.metric: (float(q.limit), float(q.usage)) for q in doc.quotas}
         with self._lock:
@@ -204,11 +229,21 @@ class GcpAdapter:
         for row in rows:
             for it in self._types[row.gpu]:
                 # A machine type is usable in a zone that offers both it and its accelerator.
-                zones = {z for z in machine_zones.get(it.name, set()) & accel_zones.get(it.accelerator or "", set())
-                         if _region_of_zone(z) == row.region}
+                zones = {
+                    z
+                    for z in machine_zones.get(it.name, set()) & accel_zones.get(it.accelerator or "", set())
+                    if _region_of_zone(z) == row.region
+                }
                 if zones:
-                    row.offers.append(InstanceOffer(it.name, it.gpus, it.vcpus, sorted(zones),
-                                                    catalog.price("gcp", row.region, it.name)))
+                    row.offers.append(
+                        InstanceOffer(
+                            it.name,
+                            it.gpus,
+                            it.vcpus,
+                            sorted(zones),
+                            catalog.price("gcp", row.region, it.name),
+                        )
+                    )
             row.instance_type = choose_instance(row.offers)
             offer = row.offer
             quotas = self._region_quotas.get(row.region, {})
@@ -217,10 +252,14 @@ class GcpAdapter:
                     tier = tier_key.replace("_", "-")
                     # A region that does not list the metric grants none of it.
                     figures = quotas.get(metric, (0.0, 0.0))
-                    q = Quota.of(metric, "gpu", figures[0], figures[1], per_node=offer.gpus, gpus_per_node=offer.gpus)
+                    q = Quota.of(
+                        metric, "gpu", figures[0], figures[1], per_node=offer.gpus, gpus_per_node=offer.gpus
+                    )
                     if result.global_free_gpus is not None and q.free_gpus > result.global_free_gpus:
                         q.free_gpus = result.global_free_gpus // offer.gpus * offer.gpus
-                        row.notes.append(f"capped by the project's GPUS_ALL_REGIONS ({result.global_free_gpus} free)")
+                        row.notes.append(
+                            f"capped by the project's GPUS_ALL_REGIONS ({result.global_free_gpus} free)"
+                        )
                     row.quota[tier] = q
         return rows, result
 
@@ -249,7 +288,9 @@ class GcpAdapter:
         return self.caller.call(f"{client_name}.aggregated_list", run)
 
     def _project_quota(self) -> tuple[float, float] | None:
-        doc = self.caller.call("projects.get", self._client("ProjectsClient").get, project=self.project, **self._kw())
+        doc = self.caller.call(
+            "projects.get", self._client("ProjectsClient").get, project=self.project, **self._kw()
+        )
         metric = catalog.cloud_info("gcp").get("global_quota", "GPUS_ALL_REGIONS")
         for q in doc.quotas:
             if q.metric == metric:

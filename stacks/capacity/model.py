@@ -56,7 +56,9 @@ class Quota:
     free_gpus: int  # whole nodes' worth of GPUs that still fit under the limit
 
     @staticmethod
-    def of(name: str, unit: str, limit: float, used: float | None, *, per_node: float, gpus_per_node: int) -> Quota:
+    def of(
+        name: str, unit: str, limit: float, used: float | None, *, per_node: float, gpus_per_node: int
+    ) -> Quota:
         """Convert a quota counted in `unit` (per_node = that unit per node) into whole nodes of GPUs."""
         free = max(0.0, limit - (used or 0.0))
         nodes_limit = int(limit // per_node) if per_node > 0 else 0

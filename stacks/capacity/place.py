@@ -86,12 +86,21 @@ def candidates(
         if max_price is not None and (r.price_per_gpu is None or r.price_per_gpu > max_price):
             continue
         out.append(r)
-    return sorted(out, key=lambda r: (r.price_per_gpu is None, r.price_per_gpu or 0.0, -r.obtainable(tier),
-                                      r.cloud, r.region))
+    return sorted(
+        out,
+        key=lambda r: (
+            r.price_per_gpu is None,
+            r.price_per_gpu or 0.0,
+            -r.obtainable(tier),
+            r.cloud,
+            r.region,
+        ),
+    )
 
 
-def _allocate(rows: list[RegionCapacity], wanted: int, tier: str, cap: int | None,
-              global_free: dict[str, int]) -> tuple[list[Pick], int]:
+def _allocate(
+    rows: list[RegionCapacity], wanted: int, tier: str, cap: int | None, global_free: dict[str, int]
+) -> tuple[list[Pick], int]:
     left = dict(global_free)
     remaining = wanted
     picks = []
@@ -137,7 +146,8 @@ def place(
         where = f" at or under ${max_price:g} per GPU-hour" if max_price is not None else ""
         scope = f" on {', '.join(clouds)}" if clouds else ""
         raise PlacementError(
-            f"only {have} of {gpus} {gpu} GPUs are obtainable ({tier}){scope}{where} in snapshot {snap.taken_at} "
+            f"only {have} of {gpus} {gpu} GPUs are obtainable ({tier}){scope}{where} "
+            f"in snapshot {snap.taken_at} "
             f"({len(rows)} regions with room); ask for a quota increase, allow more clouds or a higher "
             "--max-price, or take a fresh snapshot",
             have,
@@ -153,7 +163,9 @@ def render_entries(placement: Placement, indent: int = 2, taken_at: str = "") ->
         r = p.row
         cost = f", ${p.cost_per_hour:,.2f}/h at max" if p.cost_per_hour is not None else ", price unknown"
         stamp = f" (snapshot {taken_at})" if taken_at else ""
-        lines.append(f"{pad}# gpufleet capacity place: {p.gpus} x {r.gpu} in {r.cloud} {r.region}{cost}{stamp}")
+        lines.append(
+            f"{pad}# gpufleet capacity place: {p.gpus} x {r.gpu} in {r.cloud} {r.region}{cost}{stamp}"
+        )
         lines.append(f"{pad}- cloud: {r.cloud}")
         lines.append(f"{pad}  region: {r.region}")
         if r.zones:
@@ -182,22 +194,25 @@ def append_to_fleet(path: Path, placement: Placement, taken_at: str = "") -> str
     The result is validated before it replaces the file; returns the new text.
     """
     import yaml
-
     from gpufleet.stacks.fleetfile import FleetFileError, parse_fleet
 
     try:
         text = path.read_text(encoding="utf-8")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except FileNotFoundError:
-        raise FleetWriteError(f"{path}: no such file; --write adds regions to an existing fleet file") from None
+        raise FleetWriteError(
+            f"{path}: no such file; --write adds regions to an existing fleet file"
+        ) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise FleetWriteError(f"{path}: cannot be read as YAML: {exc}") from None
     if not isinstance(root, yaml.MappingNode):
         raise FleetWriteError(f"{path}: is not a fleet file (a mapping with fleet, models, regions)")
     seq = next((v for k, v in root.value if getattr(k, "value", None) == "regions"), None)
     if not isinstance(seq, yaml.SequenceNode) or seq.flow_style or not seq.value:
-        raise FleetWriteError(f"{path}: `regions:` must be a block list (one `- cloud: ...` entry per region) "
-                              "to add entries to it; add the printed entries by hand")
+        raise FleetWriteError(
+            f"{path}: `regions:` must be a block list (one `- cloud: ...` entry per region) "
+            "to add entries to it; add the printed entries by hand"
+        )
     last = seq.value[-1]
     first_line = text.splitlines()[seq.value[0].start_mark.line]
     dash = first_line.find("-")
@@ -213,8 +228,10 @@ def append_to_fleet(path: Path, placement: Placement, taken_at: str = "") -> str
     try:
         parse_fleet(new_text, str(path))
     except FleetFileError as exc:
-        raise FleetWriteError(f"{path}: the fleet would not be valid with these regions; left unchanged",
-                              [str(p) for p in exc.problems]) from None
+        raise FleetWriteError(
+            f"{path}: the fleet would not be valid with these regions; left unchanged",
+            [str(p) for p in exc.problems],
+        ) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -56,7 +56,9 @@ class Caller:
                 err = self._translate(exc)
             if not err.kind.retryable or attempt == self._opts.attempts:
                 if attempt > 1 and err.kind.retryable:
-                    err = CloudError(err.kind, f"{err.message} (gave up after {attempt} tries)", status=err.status)
+                    err = CloudError(
+                        err.kind, f"{err.message} (gave up after {attempt} tries)", status=err.status
+                    )
                 raise err from None
             with self._lock:
                 self.retries += 1

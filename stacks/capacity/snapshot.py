@@ -87,12 +87,16 @@ def read_snapshot(path: str | Path) -> Snapshot:
     path = Path(path)
     try:
         if path.is_dir():
-            raise SnapshotError(f"{path}: is a directory; give a snapshot file from `gpufleet capacity scan --out`")
+            raise SnapshotError(
+                f"{path}: is a directory; give a snapshot file from `gpufleet capacity scan --out`"
+            )
         if path.stat().st_size > MAX_SNAPSHOT_BYTES:
             raise SnapshotError(f"{path}: is larger than 32 MiB; not a capacity snapshot")
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SnapshotError(f"{path}: no such file; take one with `gpufleet capacity scan --out {path}`") from None
+        raise SnapshotError(
+            f"{path}: no such file; take one with `gpufleet capacity scan --out {path}`"
+        ) from None
     except UnicodeDecodeError:
         raise SnapshotError(f"{path}: is not UTF-8 text; not a capacity snapshot") from None
     except OSError as exc:
@@ -109,10 +113,12 @@ def snapshot_from_dict(doc: Any, where: str = "<snapshot>") -> Snapshot:
         raise SnapshotError(f"{where}: a snapshot is a JSON object, not {type(doc).__name__}")
     schema = doc.get("schema")
     if not isinstance(schema, str) or not schema.startswith("gpufleet.capacity/"):
-        raise SnapshotError(f"{where}: not a gpufleet capacity snapshot (no \"schema\": \"{SCHEMA}\")")
+        raise SnapshotError(f'{where}: not a gpufleet capacity snapshot (no "schema": "{SCHEMA}")')
     if schema != SCHEMA:
-        raise SnapshotError(f"{where}: schema {schema!r} is not supported; this gpufleet reads {SCHEMA!r}: "
-                            "take a new snapshot with `gpufleet capacity scan --out FILE`")
+        raise SnapshotError(
+            f"{where}: schema {schema!r} is not supported; this gpufleet reads {SCHEMA!r}: "
+            "take a new snapshot with `gpufleet capacity scan --out FILE`"
+        )
     try:
         taken_at = str(doc["taken_at"])
         parse_time(taken_at)

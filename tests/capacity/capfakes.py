@@ -83,8 +83,13 @@ class Loopback:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 parts = urllib.parse.urlsplit(self.path)
-                req = Req(self.command, parts.path, urllib.parse.parse_qs(parts.query, keep_blank_values=True),
-                          {k.lower(): v for k, v in self.headers.items()}, body)
+                req = Req(
+                    self.command,
+                    parts.path,
+                    urllib.parse.parse_qs(parts.query, keep_blank_values=True),
+                    {k.lower(): v for k, v in self.headers.items()},
+                    body,
+                )
                 with outer._lock:
                     outer.calls += 1
                 if outer.latency_s:
@@ -154,7 +159,7 @@ def first_n(n: int, resp: Callable[[Req], Resp], match: Callable[[Req], bool] = 
 
 # -- AWS ---------------------------------------------------------------------------------------------
 def aws_region_of(req: Req) -> str:
-    """The region from the SigV4 credential scope: Credential=AKID/20250101/<region>/<service>/aws4_request."""
+    """The region from the SigV4 scope: Credential=AKID/20250101/<region>/<service>/aws4_request."""
     m = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/", req.headers.get("authorization", ""))
     return m.group(1) if m else "us-east-1"
 
@@ -175,18 +180,33 @@ def aws_json_error(code: str, message: str, status: int = 400) -> Resp:
 
 def aws_query_error(code: str, message: str, status: int = 400) -> Resp:
     # EC2 query error body (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html)
-    body = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>"
-            f"<Message>{message}</Message></Error></Errors><RequestID>req-1</RequestID></Response>")
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>req-1</RequestID></Response>"
+    )
     return Resp(status, body, {"Content-Type": "text/xml"})
 
 
 class AwsFake:
     """moto server + a proxy that answers EC2 service quotas and spot placement scores itself."""
 
-    def __init__(self, quotas: dict[str, float] | None = None, spot_scores: dict[str, int] | None = None,
-                 applied: bool = True, latency_s: float = 0.0):
-        self.quotas = dict(quotas or {"L-417A185B": 384.0, "L-C4BD4855": 192.0, "L-7212CCBC": 96.0,
-                                      "L-DB2E81BA": 64.0, "L-3819A6DF": 64.0})
+    def __init__(
+        self,
+        quotas: dict[str, float] | None = None,
+        spot_scores: dict[str, int] | None = None,
+        applied: bool = True,
+        latency_s: float = 0.0,
+    ):
+        self.quotas = dict(
+            quotas
+            or {
+                "L-417A185B": 384.0,
+                "L-C4BD4855": 192.0,
+                "L-7212CCBC": 96.0,
+                "L-DB2E81BA": 64.0,
+                "L-3819A6DF": 64.0,
+            }
+        )
         self.region_quotas: dict[tuple[str, str], float] = {}  # (region, code) overrides
         self.spot_scores = dict(spot_scores or {})
         self.applied = applied  # False: GetServiceQuota says NoSuchResource, the default answers
@@ -226,12 +246,15 @@ class AwsFake:
         conn = http.client.HTTPConnection(*self._moto_addr, timeout=30)
         path = req.path + ("?" + urllib.parse.urlencode(req.query, doseq=True) if req.query else "")
         headers = {k: v for k, v in req.headers.items() if k not in ("connection", "content-length", "host")}
-        headers["Host"] = "%s:%d" % self._moto_addr
+        headers["Host"] = "{}:{}".format(*self._moto_addr)
         conn.request(req.method, path, body=req.body or None, headers=headers)
         r = conn.getresponse()
         data = r.read()
-        out = {k: v for k, v in r.getheaders() if k.lower() not in ("content-length", "transfer-encoding",
-                                                                       "connection", "server", "date")}
+        out = {
+            k: v
+            for k, v in r.getheaders()
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date")
+        }
         conn.close()
         return Resp(r.status, data, out)
 
@@ -242,16 +265,25 @@ class AwsFake:
         if op not in ("GetServiceQuota", "GetAWSDefaultServiceQuota"):
             return aws_json_error("InvalidAction", f"{op} is not answered by this fake", 400)
         if doc.get("ServiceCode") != "ec2" or code not in self.quotas:
-            return aws_json_error("NoSuchResourceException", f"The request failed because the specified quota "
-                                  f"{code} does not exist.")
+            return aws_json_error(
+                "NoSuchResourceException",
+                f"The request failed because the specified quota {code} does not exist.",
+            )
         if op == "GetServiceQuota" and not self.applied:
             return aws_json_error("NoSuchResourceException", "No applied quota value")
         template = fixture("aws_get_service_quota.json")
         q = template["Quota"]
         value = self.region_quotas.get((region, code), self.quotas[code])
-        q.update(QuotaCode=code, Value=value, QuotaArn=f"arn:aws:servicequotas:{region}:123456789012:ec2/{code}")
-        klass = {"L-417A185B": "P/OnDemand", "L-DB2E81BA": "G/OnDemand", "L-C4BD4855": "P5/Spot",
-                 "L-7212CCBC": "P/Spot", "L-3819A6DF": "G/Spot"}.get(code, "Standard/OnDemand")
+        q.update(
+            QuotaCode=code, Value=value, QuotaArn=f"arn:aws:servicequotas:{region}:123456789012:ec2/{code}"
+        )
+        klass = {
+            "L-417A185B": "P/OnDemand",
+            "L-DB2E81BA": "G/OnDemand",
+            "L-C4BD4855": "P5/Spot",
+            "L-7212CCBC": "P/Spot",
+            "L-3819A6DF": "G/Spot",
+        }.get(code, "Standard/OnDemand")
         q["UsageMetric"]["MetricDimensions"]["Class"] = klass
         return Resp(200, template, {"Content-Type": "application/x-amz-json-1.1"})
 
@@ -261,8 +293,12 @@ class AwsFake:
         scored = sorted(((self.spot_scores.get(r, 1), r) for r in regions), reverse=True)[:10]
         items = "".join(f"<item><region>{r}</region><score>{s}</score></item>" for s, r in scored)
         body = fixture("aws_get_spot_placement_scores.xml")
-        body = re.sub(r"<spotPlacementScoreSet>.*</spotPlacementScoreSet>",
-                      f"<spotPlacementScoreSet>{items}</spotPlacementScoreSet>", body, flags=re.S)
+        body = re.sub(
+            r"<spotPlacementScoreSet>.*</spotPlacementScoreSet>",
+            f"<spotPlacementScoreSet>{items}</spotPlacementScoreSet>",
+            body,
+            flags=re.S,
+        )
         return Resp(200, body, {"Content-Type": "text/xml"})
 
 
@@ -318,28 +354,37 @@ class GcpFake:
             return gcp_error(404, f"The requested URL {req.path} was not found.", "notFound", "NOT_FOUND")
         if not (req.path == prefix or req.path.startswith(prefix + "/")):
             return gcp_error(404, "The resource 'projects/x' was not found", "notFound", "NOT_FOUND")
-        rest = req.path[len(prefix):]
+        rest = req.path[len(prefix) :]
         if rest == "":
             doc = fixture("gcp_project.json")
             doc["name"] = w.project
-            doc["quotas"] = [{"metric": "SNAPSHOTS", "limit": 5000, "usage": 0},
-                             {"metric": "GPUS_ALL_REGIONS", "limit": w.global_quota[0], "usage": w.global_quota[1]}]
+            doc["quotas"] = [
+                {"metric": "SNAPSHOTS", "limit": 5000, "usage": 0},
+                {"metric": "GPUS_ALL_REGIONS", "limit": w.global_quota[0], "usage": w.global_quota[1]},
+            ]
             return Resp(200, doc)
         if rest == "/regions":
             names = sorted(w.regions)
             start = int(req.q("pageToken") or 0)
-            page = names[start:start + w.page_size]
-            doc: dict[str, Any] = {"kind": "compute#regionList", "id": f"projects/{w.project}/regions",
-                                   "items": [self._region(n) for n in page],
-                                   "selfLink": f"https://www.googleapis.com/compute/v1/projects/{w.project}/regions"}
+            page = names[start : start + w.page_size]
+            doc: dict[str, Any] = {
+                "kind": "compute#regionList",
+                "id": f"projects/{w.project}/regions",
+                "items": [self._region(n) for n in page],
+                "selfLink": f"https://www.googleapis.com/compute/v1/projects/{w.project}/regions",
+            }
             if start + w.page_size < len(names):
                 doc["nextPageToken"] = str(start + w.page_size)
             return Resp(200, doc)
         m = re.fullmatch(r"/regions/([a-z0-9-]+)", rest)
         if m:
             if m.group(1) not in w.regions:
-                return gcp_error(404, f"The resource 'projects/{w.project}/regions/{m.group(1)}' was not found",
-                                 "notFound", "NOT_FOUND")
+                return gcp_error(
+                    404,
+                    f"The resource 'projects/{w.project}/regions/{m.group(1)}' was not found",
+                    "notFound",
+                    "NOT_FOUND",
+                )
             return Resp(200, self._region(m.group(1)))
         if rest in ("/aggregated/acceleratorTypes", "/aggregated/machineTypes"):
             return self._aggregated(req, rest.endswith("acceleratorTypes"))
@@ -349,16 +394,21 @@ class GcpFake:
         doc = fixture("gcp_region.json")
         spec = self.world.regions[name]
         base = f"https://www.googleapis.com/compute/v1/projects/{self.world.project}"
-        doc.update(name=name, description=name, selfLink=f"{base}/regions/{name}",
-                   zones=[f"{base}/zones/{z}" for z in spec.get("zones", [])],
-                   quotas=[{"metric": k, "limit": v[0], "usage": v[1]} for k, v in spec.get("quotas", {}).items()])
+        doc.update(
+            name=name,
+            description=name,
+            selfLink=f"{base}/regions/{name}",
+            zones=[f"{base}/zones/{z}" for z in spec.get("zones", [])],
+            quotas=[{"metric": k, "limit": v[0], "usage": v[1]} for k, v in spec.get("quotas", {}).items()],
+        )
         return doc
 
     def _aggregated(self, req: Req, accelerators: bool) -> Resp:
         w = self.world
         key = "acceleratorTypes" if accelerators else "machineTypes"
-        template_doc = fixture("gcp_accelerator_types_aggregated.json" if accelerators
-                               else "gcp_machine_types_aggregated.json")
+        template_doc = fixture(
+            "gcp_accelerator_types_aggregated.json" if accelerators else "gcp_machine_types_aggregated.json"
+        )
         template = template_doc["items"]["zones/us-central1-a"][key][0]
         warning = fixture("gcp_accelerator_types_aggregated.json")["items"]["zones/us-central1-f"]["warning"]
         keep = _gcp_filter(req.q("filter"))
@@ -369,7 +419,7 @@ class GcpFake:
         base = f"https://www.googleapis.com/compute/v1/projects/{w.project}"
         from gpufleet.stacks import catalog
 
-        for zone in zones[start:start + w.page_size]:
+        for zone in zones[start : start + w.page_size]:
             found = []
             for name in offered.get(zone, []):
                 if not keep(name):
@@ -384,8 +434,9 @@ class GcpFake:
                     it = catalog.instance_types("gcp").get(name)
                     if it:
                         item["guestCpus"] = it.vcpus
-                        item["accelerators"] = [{"guestAcceleratorType": it.accelerator,
-                                                 "guestAcceleratorCount": it.gpus}]
+                        item["accelerators"] = [
+                            {"guestAcceleratorType": it.accelerator, "guestAcceleratorCount": it.gpus}
+                        ]
                 found.append(item)
             if found:
                 items[f"zones/{zone}"] = {key: found}
@@ -394,8 +445,12 @@ class GcpFake:
                 wn["message"] = f"There are no results for scope 'zones/{zone}' on this page."
                 wn["data"] = [{"key": "scope", "value": f"zones/{zone}"}]
                 items[f"zones/{zone}"] = {"warning": wn}
-        doc = {"kind": template_doc["kind"], "id": f"projects/{w.project}/aggregated/{key}", "items": items,
-               "selfLink": f"{base}/aggregated/{key}"}
+        doc = {
+            "kind": template_doc["kind"],
+            "id": f"projects/{w.project}/aggregated/{key}",
+            "items": items,
+            "selfLink": f"{base}/aggregated/{key}",
+        }
         if start + w.page_size < len(zones):
             doc["nextPageToken"] = str(start + w.page_size)
         return Resp(200, doc)
@@ -419,7 +474,9 @@ class AzureSku:
 @dataclass
 class AzureWorld:
     subscription: str = "00000000-0000-0000-0000-000000000001"
-    regions: dict[str, dict[str, Any]] = field(default_factory=dict)  # region -> {"skus": [...], "usages": {}}
+    regions: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # region -> {"skus": [...], "usages": {}}
     page_size: int = 2  # SKUs per page, so nextLink paging is exercised
 
 
@@ -442,20 +499,23 @@ class AzureFake:
     def _app(self, req: Req) -> Resp:
         w = self.world
         if not req.headers.get("authorization", "").startswith("Bearer "):
-            return azure_error(401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is "
-                               "missing.")
+            return azure_error(
+                401, "AuthenticationFailed", "Authentication failed. The 'Authorization' header is missing."
+            )
         if not req.q("api-version"):
-            return azure_error(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+            return azure_error(
+                400, "MissingApiVersionParameter", "The api-version query parameter is required."
+            )
         prefix = f"/subscriptions/{w.subscription}/providers/Microsoft.Compute"
         if not req.path.startswith(prefix):
             return azure_error(404, "SubscriptionNotFound", "The subscription could not be found.")
-        rest = req.path[len(prefix):]
+        rest = req.path[len(prefix) :]
         if rest == "/skus":
             m = re.fullmatch(r"location eq '([a-z0-9]+)'", req.q("$filter") or "")
             regions = [m.group(1)] if m else sorted(w.regions)
             skus = [self._sku(s, r) for r in regions for s in w.regions.get(r, {}).get("skus", [])]
             start = int(req.q("$skiptoken") or 0)
-            doc: dict[str, Any] = {"value": skus[start:start + w.page_size]}
+            doc: dict[str, Any] = {"value": skus[start : start + w.page_size]}
             if start + w.page_size < len(skus):
                 q = {k: v[0] for k, v in req.query.items()}
                 q["$skiptoken"] = str(start + w.page_size)
@@ -465,8 +525,11 @@ class AzureFake:
         if m:
             region = m.group(1)
             if region not in w.regions:
-                return azure_error(404, "NoRegisteredProviderFound", f"No registered resource provider found for "
-                                   f"location '{region}'.")
+                return azure_error(
+                    404,
+                    "NoRegisteredProviderFound",
+                    f"No registered resource provider found for location '{region}'.",
+                )
             template = fixture("azure_usages.json")["value"][0]
             value = []
             for name, (current, limit) in w.regions[region].get("usages", {}).items():
@@ -484,45 +547,77 @@ class AzureFake:
             spec = AzureSku(**spec)
         doc = copy.deepcopy(fixture("azure_resource_skus.json")["value"][0])
         it = catalog.instance_types("azure").get(spec.name)
-        doc.update(name=spec.name, size=spec.name.removeprefix("Standard_"), locations=[region],
-                   locationInfo=[{"location": region, "zones": spec.zones, "zoneDetails": []}])
+        doc.update(
+            name=spec.name,
+            size=spec.name.removeprefix("Standard_"),
+            locations=[region],
+            locationInfo=[{"location": region, "zones": spec.zones, "zoneDetails": []}],
+        )
         if it is not None:
             doc["family"] = it.family[0].upper() + it.family[1:]  # SKUs spell families capitalised
-            doc["capabilities"] = [{"name": "vCPUs", "value": str(it.vcpus)},
-                                   {"name": "GPUs", "value": str(it.gpus)}]
+            doc["capabilities"] = [
+                {"name": "vCPUs", "value": str(it.vcpus)},
+                {"name": "GPUs", "value": str(it.gpus)},
+            ]
         else:
             doc["family"] = "standardDSv5Family"
             doc["capabilities"] = [{"name": "vCPUs", "value": "2"}]
         restrictions = []
         if spec.closed:
-            restrictions.append({"type": "Location", "values": [region],
-                                 "restrictionInfo": {"locations": [region]},
-                                 "reasonCode": "NotAvailableForSubscription"})
+            restrictions.append(
+                {
+                    "type": "Location",
+                    "values": [region],
+                    "restrictionInfo": {"locations": [region]},
+                    "reasonCode": "NotAvailableForSubscription",
+                }
+            )
         if spec.restricted_zones:
-            restrictions.append({"type": "Zone", "values": [region],
-                                 "restrictionInfo": {"locations": [region], "zones": spec.restricted_zones},
-                                 "reasonCode": "NotAvailableForSubscription"})
+            restrictions.append(
+                {
+                    "type": "Zone",
+                    "values": [region],
+                    "restrictionInfo": {"locations": [region], "zones": spec.restricted_zones},
+                    "reasonCode": "NotAvailableForSubscription",
+                }
+            )
         doc["restrictions"] = restrictions
         return doc
 
 
 # -- worlds for tests and the benchmark -------------------------------------------------------------
-def gcp_world(regions: list[str], gpu_metric: str = "NVIDIA_H100_GPUS", limit: float = 16, usage: float = 0,
-              accelerator: str = "nvidia-h100-80gb", machines: tuple[str, ...] = ("a3-highgpu-1g", "a3-highgpu-8g"),
-              ) -> GcpWorld:
+def gcp_world(
+    regions: list[str],
+    gpu_metric: str = "NVIDIA_H100_GPUS",
+    limit: float = 16,
+    usage: float = 0,
+    accelerator: str = "nvidia-h100-80gb",
+    machines: tuple[str, ...] = ("a3-highgpu-1g", "a3-highgpu-8g"),
+) -> GcpWorld:
     w = GcpWorld()
     for r in regions:
         zones = [f"{r}-a", f"{r}-b", f"{r}-c"]
-        w.regions[r] = {"zones": zones, "quotas": {"CPUS": (2400, 0), gpu_metric: (limit, usage),
-                                                   "PREEMPTIBLE_" + gpu_metric: (limit * 2, 0)}}
+        w.regions[r] = {
+            "zones": zones,
+            "quotas": {
+                "CPUS": (2400, 0),
+                gpu_metric: (limit, usage),
+                "PREEMPTIBLE_" + gpu_metric: (limit * 2, 0),
+            },
+        }
         for z in zones[:2]:
             w.accelerators[z] = [accelerator, "nvidia-l4"]
             w.machines[z] = list(machines) + ["n2-standard-8"]
     return w
 
 
-def azure_world(regions: list[str], sku: str = "Standard_ND96isr_H100_v5", family: str = "standardNDSH100v5Family",
-                limit: float = 192, used: float = 0) -> AzureWorld:
+def azure_world(
+    regions: list[str],
+    sku: str = "Standard_ND96isr_H100_v5",
+    family: str = "standardNDSH100v5Family",
+    limit: float = 192,
+    used: float = 0,
+) -> AzureWorld:
     w = AzureWorld()
     for r in regions:
         w.regions[r] = {

@@ -7,14 +7,20 @@ import datetime as dt
 import boto3
 import capfakes
 import pytest
-
 from gpufleet.stacks.capacity.aws import AwsAdapter
 from gpufleet.stacks.capacity.scan import ScanOptions, scan
 
 
 def _scan(regions=None, **kw):
-    opts = ScanOptions(gpus=["H100-80GB"], clouds=["aws"], regions=regions, call_timeout_s=5, attempts=3,
-                       backoff_base_s=0.01, **kw)
+    opts = ScanOptions(
+        gpus=["H100-80GB"],
+        clouds=["aws"],
+        regions=regions,
+        call_timeout_s=5,
+        attempts=3,
+        backoff_base_s=0.01,
+        **kw,
+    )
     return scan(opts, None, [AwsAdapter(opts)])
 
 
@@ -38,10 +44,23 @@ def test_offerings_gpu_info_quota_and_spot_score(aws_env):
 def test_usage_comes_from_the_quota_usage_metric(aws_env):
     # The quota's UsageMetric names AWS/Usage ResourceCount Class=P/OnDemand; put a datapoint into moto.
     cw = boto3.client("cloudwatch", region_name="us-west-2", endpoint_url=aws_env.moto_url)
-    dims = [{"Name": "Class", "Value": "P/OnDemand"}, {"Name": "Resource", "Value": "vCPU"},
-            {"Name": "Service", "Value": "EC2"}, {"Name": "Type", "Value": "Resource"}]
-    cw.put_metric_data(Namespace="AWS/Usage", MetricData=[{"MetricName": "ResourceCount", "Dimensions": dims,
-                                                           "Value": 192, "Timestamp": dt.datetime.now(dt.UTC)}])
+    dims = [
+        {"Name": "Class", "Value": "P/OnDemand"},
+        {"Name": "Resource", "Value": "vCPU"},
+        {"Name": "Service", "Value": "EC2"},
+        {"Name": "Type", "Value": "Resource"},
+    ]
+    cw.put_metric_data(
+        Namespace="AWS/Usage",
+        MetricData=[
+            {
+                "MetricName": "ResourceCount",
+                "Dimensions": dims,
+                "Value": 192,
+                "Timestamp": dt.datetime.now(dt.UTC),
+            }
+        ],
+    )
     row = next(r for r in _scan(["us-west-2"]).rows)
     q = row.quota["on-demand"]
     assert (q.limit, q.used, q.free_gpus) == (384.0, 192.0, 8)
@@ -64,8 +83,10 @@ def test_default_quota_when_none_applied(aws_env):
 
 def test_access_denied_is_translated(aws_env):
     aws_env.proxy.fault = capfakes.first_n(
-        100, lambda r: capfakes.aws_query_error("UnauthorizedOperation", "You are not authorized", 403),
-        lambda r: capfakes.aws_action(r) == "DescribeInstanceTypeOfferings")
+        100,
+        lambda r: capfakes.aws_query_error("UnauthorizedOperation", "You are not authorized", 403),
+        lambda r: capfakes.aws_action(r) == "DescribeInstanceTypeOfferings",
+    )
     res = _scan(["us-east-1"])
     state = res.clouds["aws"]
     assert state.status == "error" and state.error["kind"] == "access-denied"
@@ -74,8 +95,10 @@ def test_access_denied_is_translated(aws_env):
 
 def test_spot_scores_denied_is_a_note_not_a_failure(aws_env):
     aws_env.proxy.fault = capfakes.first_n(
-        100, lambda r: capfakes.aws_query_error("UnauthorizedOperation", "no", 403),
-        lambda r: capfakes.aws_action(r) == "GetSpotPlacementScores")
+        100,
+        lambda r: capfakes.aws_query_error("UnauthorizedOperation", "no", 403),
+        lambda r: capfakes.aws_action(r) == "GetSpotPlacementScores",
+    )
     res = _scan(["us-east-1"])
     assert res.clouds["aws"].status == "ok"
     assert any("spot placement scores not read" in n for n in res.clouds["aws"].notes)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import capfakes
-
 from gpufleet.stacks.capacity.gcp import GcpAdapter
 from gpufleet.stacks.capacity.scan import ScanOptions, scan
 
 
 def _scan(fake, regions=None, gpus=("H100-80GB",), **kw):
-    opts = ScanOptions(gpus=list(gpus), clouds=["gcp"], regions=regions, call_timeout_s=5, attempts=3,
-                       backoff_base_s=0.01, gcp_project=fake.world.project, endpoints={"gcp": fake.url}, **kw)
+    opts = ScanOptions(
+        gpus=list(gpus),
+        clouds=["gcp"],
+        regions=regions,
+        call_timeout_s=5,
+        attempts=3,
+        backoff_base_s=0.01,
+        gcp_project=fake.world.project,
+        endpoints={"gcp": fake.url},
+        **kw,
+    )
     return scan(opts, None, [GcpAdapter(opts)])
 
 
@@ -47,16 +55,21 @@ def test_gpu_not_sold_in_a_zone_is_not_offered(clean_env, gcp_fake):
 
 def test_api_not_enabled(clean_env, gcp_fake):
     gcp_fake.server.fault = lambda r: capfakes.gcp_error(
-        403, "Compute Engine API has not been used in project demo-project before or it is disabled.",
-        "accessNotConfigured")
+        403,
+        "Compute Engine API has not been used in project demo-project before or it is disabled.",
+        "accessNotConfigured",
+    )
     res = _scan(gcp_fake)
     err = res.clouds["gcp"].error
-    assert err["kind"] == "api-not-enabled" and "gcloud services enable compute.googleapis.com" in err["message"]
+    assert (
+        err["kind"] == "api-not-enabled" and "gcloud services enable compute.googleapis.com" in err["message"]
+    )
 
 
 def test_throttled_then_answers(clean_env, gcp_fake):
-    gcp_fake.server.fault = capfakes.first_n(2, lambda r: capfakes.gcp_error(
-        429, "Rate Limit Exceeded", "rateLimitExceeded", "RESOURCE_EXHAUSTED"))
+    gcp_fake.server.fault = capfakes.first_n(
+        2, lambda r: capfakes.gcp_error(429, "Rate Limit Exceeded", "rateLimitExceeded", "RESOURCE_EXHAUSTED")
+    )
     res = _scan(gcp_fake, regions=["us-central1"])
     assert res.clouds["gcp"].status == "ok" and res.retries >= 2
     assert res.rows[0].obtainable() == 16
