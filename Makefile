@@ -30,9 +30,11 @@ node_modules/.installed: package.json
 
 setup: $(VENV)/.installed $(TOOLS)/.installed node_modules/.installed
 
+# The main job: check the example fleet, synthesize its Terraform, then run the live demo.
 demo: setup
 	$(BIN)/gpufleet validate fleet.yaml
 	$(BIN)/gpufleet synth fleet.yaml
+	$(BIN)/gpufleet demo --fleet fleet.yaml
 
 synth: setup
 	$(BIN)/gpufleet synth fleet.yaml
@@ -42,7 +44,7 @@ test: setup
 	PATH="$(CURDIR)/node_modules/.bin:$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m tests.bench.run_all
+	for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules cdktf.out
