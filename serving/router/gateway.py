@@ -10,7 +10,6 @@ another engine from the prompt plus the text already sent, so the client sees on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import socket
@@ -25,6 +24,7 @@ from gpufleet.serving.router.breaker import BreakerBoard, CircuitBreaker
 from gpufleet.serving.router.config import RegionInfo, RouterConfig
 from gpufleet.serving.router.metrics import RouterMetrics
 from gpufleet.serving.router.policy import (
+    BreakerState,
     Candidate,
     EngineView,
     OptimisticLedger,
@@ -36,7 +36,7 @@ from gpufleet.serving.router.policy import (
     headroom,
     make_policy,
 )
-from gpufleet.serving.router.signals import Scraper, resolve_engines
+from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
@@ -84,14 +84,75 @@ class _ClientGone(Exception):
 
 @dataclass
 class _Stream:
-    """What has been relayed of one streamed answer so far (for continuation)."""
+    """What has been relayed of one streamed answer so far (for continuation).
+
+    Only a broken stream needs the text, so the relay does not parse events: it keeps each relayed
+    event's `data:` payload in `raw` and `settle()` parses them when the text is wanted (a break), or
+    in one batch once `raw` grows past `_RAW_LIMIT` bytes (bounds memory on long answers).
+    """
 
     text: list[str] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # text pieces in `text`
     finished: bool = False  # a finish_reason was relayed
     chunk_id: str | None = None
     bytes_out: int = 0
     key: object = None  # the current attempt's ledger entry
+    raw: list[bytes] = field(default_factory=list)  # relayed data payloads not parsed yet
+    raw_bytes: int = 0
+
+    def add(self, data: bytes) -> None:
+        self.raw.append(data)
+        self.raw_bytes += len(data)
+        if self.raw_bytes > _RAW_LIMIT:
+            self.settle()
+
+    @property
+    def materialized(self) -> int:
+        """Tokens relayed so far; an unparsed event counts as one (exact after `settle`)."""
+        return self.tokens + len(self.raw)
+
+    def settle(self) -> None:
+        """Parse the pending payloads into text, tokens, finished and the first chunk id."""
+        raw, self.raw, self.raw_bytes = self.raw, [], 0
+        if not raw:
+            return
+        try:
+            # One C-level parse for the lot; a payload that is not one JSON value each (garbage, or
+            # text that would merge with its neighbours) falls back to one parse per payload.
+            chunks = json.loads(b"[" + b",".join(raw) + b"]")
+            if len(chunks) != len(raw):
+                raise ValueError("payloads do not map one to one")
+        except ValueError:
+            chunks = [_loads_or_none(d) for d in raw]
+        for chunk in chunks:
+            self.note(chunk)
+
+    def note(self, chunk: Any) -> None:
+        """Note the text one parsed chunk carries."""
+        if not isinstance(chunk, dict):
+            return
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str) and text:
+                self.text.append(text)
+                self.tokens += 1
+            if choice.get("finish_reason"):
+                self.finished = True
+        if self.chunk_id is None and isinstance(chunk.get("id"), str):
+            self.chunk_id = chunk["id"]
+
+
+_RAW_LIMIT = 64 * 1024  # unparsed SSE payload bytes kept per stream before a batch parse
+
+
+def _loads_or_none(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +166,7 @@ class _Job:
     routed: RoutedRequest
     headers: dict[str, str]
     deadline: float
+    received: float = 0.0  # time.perf_counter() when the handler started (router overhead metric)
 
 
 class Router:
@@ -130,7 +192,7 @@ class Router:
         self.scraper = Scraper(
             interval_s=s.scrape_interval_s,
             timeout_s=s.scrape_timeout_s,
-            on_round=self._wake_queue,
+            on_round=self._on_round,
         )
         self.scraper.set_engines(config.region.engines)
         self.drained_regions: set[str] = set()
@@ -138,6 +200,8 @@ class Router:
         self.outstanding: dict[str, int] = {}
         self.queued = 0
         self._room = asyncio.Event()
+        self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
+        self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (_watched)
         self.metrics = RouterMetrics(self, clock)
         # Peer summaries: filled by gpufleet.serving.router.regions.PeerReader.
         self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
@@ -153,29 +217,58 @@ class Router:
         return self.config.region.key
 
     def engine_views(self, now: float) -> list[EngineView]:
-        local_breaker_region = self.region
+        # Built per request over every engine, so a view is reused while nothing it shows changed
+        # (same sample, health, drain, breaker state, pending demand and requests in flight):
+        # comparing is several times cheaper than building a 14-field frozen view.
+        region = self.region
+        cache = self._views
+        pending = self.ledger.pending
+        outstanding = self.outstanding
+        drained_engines = self.drained_engines
+        breakers = self.breakers.engines
         out = []
         for url, st in self.scraper.engines.items():
+            b = breakers.get(url)
+            breaker = BreakerState.closed if b is None else b.state(now)
+            waiting_for = pending(url)
+            in_flight = outstanding.get(url, 0)
+            drained = url in drained_engines
+            hit = cache.get(url)
+            if hit is not None:
+                view, sample = hit
+                if (
+                    sample is st.sample
+                    and view.healthy == st.healthy
+                    and view.breaker is breaker
+                    and view.pending_tokens == waiting_for
+                    and view.outstanding == in_flight
+                    and view.drained == drained
+                ):
+                    out.append(view)
+                    continue
             s = st.sample
-            out.append(
-                EngineView(
-                    id=url,
-                    region=local_breaker_region,
-                    free_tokens=s.free_tokens if s else 0.0,
-                    capacity_tokens=float(s.capacity_tokens) if s else 0.0,
-                    kv_usage=s.kv_usage if s else 1.0,
-                    running=s.running if s else 0,
-                    waiting=s.waiting if s else 0,
-                    sampled_at=s.taken_at if s else None,
-                    healthy=st.healthy,
-                    drained=url in self.drained_engines,
-                    breaker=self.breakers.engine_state(url, now),
-                    pending_tokens=self.ledger.pending(url),
-                    # Its waiting queue is requests we sent: their whole demand is in pending_tokens.
-                    waiting_tokens=0.0,
-                    outstanding=self.outstanding.get(url, 0),
-                )
+            view = EngineView(
+                id=url,
+                region=region,
+                free_tokens=s.free_tokens if s else 0.0,
+                capacity_tokens=float(s.capacity_tokens) if s else 0.0,
+                kv_usage=s.kv_usage if s else 1.0,
+                running=s.running if s else 0,
+                waiting=s.waiting if s else 0,
+                sampled_at=s.taken_at if s else None,
+                healthy=st.healthy,
+                drained=drained,
+                breaker=breaker,
+                pending_tokens=waiting_for,
+                # Its waiting queue is requests we sent: their whole demand is in pending_tokens.
+                waiting_tokens=0.0,
+                outstanding=in_flight,
             )
+            cache[url] = (view, s)
+            out.append(view)
+        if len(cache) > len(out):  # engines gone (DNS): forget their views
+            for url in set(cache) - set(self.scraper.engines):
+                del cache[url]
         return out
 
     def region_views(self, now: float) -> list[RegionView]:
@@ -253,6 +346,10 @@ class Router:
         cands = self.policy.choose(routed, self.engine_views(now), self.region_views(now), now)
         self.metrics.decision.observe(time.perf_counter() - t0)
         return cands
+
+    def _on_round(self) -> None:
+        self._expire_hung()
+        self._wake_queue()
 
     def _wake_queue(self) -> None:
         self._room.set()
@@ -351,19 +448,20 @@ class Router:
         return await self._handle(request, "completions")
 
     async def _handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        received = time.perf_counter()
         try:
-            job = await self._parse(request, kind)
+            job = await self._parse(request, kind, received)
         except HttpError as exc:
-            self.metrics.requests.labels(self.region, "bad_request").inc()
+            self.metrics.outcome(self.region, "bad_request")
             return exc.response()
         try:
             return await self._serve(request, job)
         except HttpError as exc:
             outcome = "rejected" if exc.status == 429 else "error"
-            self.metrics.requests.labels(self.region, outcome).inc()
+            self.metrics.outcome(self.region, outcome)
             return exc.response()
         except _ClientGone:
-            self.metrics.requests.labels(self.region, "client_gone").inc()
+            self.metrics.outcome(self.region, "client_gone")
             return web.Response(status=499)
 
     async def _read_body(self, request: web.Request) -> bytes:
@@ -378,7 +476,7 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _parse(self, request: web.Request, kind: str) -> _Job:
+    async def _parse(self, request: web.Request, kind: str, received: float = 0.0) -> _Job:
         body = await self._read_body(request)
         try:
             payload = json.loads(body)
@@ -435,7 +533,9 @@ class Router:
             headers["Authorization"] = request.headers["Authorization"]
         deadline = self.clock() + self.config.settings.request_timeout_s
         stream = bool(payload.get("stream"))
-        return _Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline)
+        return _Job(
+            kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received
+        )
 
     async def _admit(self, job: _Job) -> list[Candidate]:
         """Candidates now, or after a short wait in the bounded queue, or 429."""
@@ -506,6 +606,8 @@ class Router:
                 break
             if attempts:
                 self.metrics.retries.inc()
+            else:
+                self.metrics.overhead_request.observe(time.perf_counter() - job.received)
             attempts += 1
             try:
                 return await self._attempt(request, job, cand, job.body, job.payload)
@@ -558,24 +660,33 @@ class Router:
         """Await an engine's answer, but give up when the scraper finds the engine dead meanwhile.
 
         A hung engine accepts the request and never answers; a non-streamed answer may rightly take
-        minutes, so no read timeout tells the two apart. Two failed scrapes in a row do.
+        minutes, so no read timeout tells the two apart. Two failed scrapes in a row do: after each
+        scrape round `_expire_hung` expires the waits on such an engine (an `asyncio.timeout` with
+        no deadline of its own, so a wait costs no task and no timer).
         """
-        task = asyncio.ensure_future(awaitable)
-        state = self.scraper.engines.get(cand.engine) if cand.engine is not None else None
-        if state is None:
-            return await task
+        if cand.engine is None or cand.engine not in self.scraper.engines:
+            return await awaitable
+        waits = self._waits.setdefault(cand.engine, set())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.config.settings.scrape_interval_s)
-                if done:
-                    return task.result()
-                if state.failures >= 2:
-                    raise _Upstream(f"engine stopped answering ({state.error})")
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            async with asyncio.timeout(None) as cm:
+                waits.add(cm)
+                try:
+                    return await awaitable
+                finally:
+                    waits.discard(cm)
+        except TimeoutError:
+            if not cm.expired():
+                raise  # the request's own timeout
+            state = self.scraper.engines.get(cand.engine)
+            raise _Upstream(f"engine stopped answering ({state.error if state else 'gone'})") from None
+
+    def _expire_hung(self) -> None:
+        for url, waits in self._waits.items():
+            state = self.scraper.engines.get(url)
+            if waits and state is not None and state.failures >= 2:
+                for cm in waits:
+                    if not cm.expired():
+                        cm.reschedule(-1)  # in the past: fires on the next loop iteration
 
     async def _open(self, cand: Candidate, job: _Job, body: bytes) -> aiohttp.ClientResponse:
         """POST to the candidate; the response with headers read, or `_Upstream`."""
@@ -617,7 +728,7 @@ class Router:
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     raise _Upstream(f"answer broke: {type(exc).__name__}") from None
                 self._record(cand, ok=True)
-                self.metrics.requests.labels(cand.region, "ok" if resp.status < 400 else "upstream_4xx").inc()
+                self.metrics.outcome(cand.region, "ok" if resp.status < 400 else "upstream_4xx")
                 headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
                 return web.Response(status=resp.status, body=data, headers=headers)
@@ -649,15 +760,15 @@ class Router:
             done, broke = await self._pump(job, resp, out, stream, rewrite_id=False)
             if done:
                 self._record(cand, ok=True)
-                self.metrics.requests.labels(cand.region, "ok").inc()
+                self.metrics.outcome(cand.region, "ok")
             else:
                 self._record(cand, ok=False)
                 if not await self._continue(request, job, cand, out, stream, broke):
-                    self.metrics.requests.labels(cand.region, "stream_error").inc()
+                    self.metrics.outcome(cand.region, "stream_error")
         except _ClientGone:
             # The client left mid-stream: not the engine's fault, and nobody to answer.
             self._release(cand)
-            self.metrics.requests.labels(cand.region, "client_gone").inc()
+            self.metrics.outcome(cand.region, "client_gone")
             return out
         try:
             await out.write_eof()
@@ -680,54 +791,95 @@ class Router:
         stream: _Stream,
         rewrite_id: bool,
     ) -> tuple[bool, str]:
-        """Relay SSE events until [DONE]. Returns (completed, why it broke)."""
-        event: list[bytes] = []
+        """Relay SSE events until [DONE]. Returns (completed, why it broke).
+
+        What arrives is written on at once, up to its last complete event (a client never sees half
+        an event, so a continuation can follow any byte sent); several events that arrived together
+        go out in one write. Events are split only for bookkeeping.
+        """
+        tail = b""  # an incomplete event, waiting for the rest
+        first = stream.bytes_out == 0 and not rewrite_id
         try:
-            async for line in resp.content:
-                if line.strip():
-                    if line.startswith(b"data:"):
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            await self._write(out, b"".join(event) + b"data: [DONE]\n\n")
-                            return True, ""
-                        line = self._observe(data, stream, rewrite_id) or line
-                    event.append(line)
+            async for data in resp.content.iter_any():
+                if first:
+                    t_in = time.perf_counter()
+                if tail:
+                    data = tail + data
+                if b"\r" in data:  # CRLF line ends: normalise, so events split on one separator
+                    data = data.replace(b"\r\n", b"\n")
+                end = data.rfind(b"\n\n")
+                if end < 0:
+                    tail = data
                     continue
-                if event:  # blank line: the event is complete; relay it now
-                    event.append(b"\n")
-                    chunk = b"".join(event)
-                    event.clear()
-                    await self._write(out, chunk)
-                    stream.bytes_out += len(chunk)
-                    self.ledger.progress(stream.key, job.prompt_tokens + stream.tokens)
+                end += 2
+                data, tail = data[:end], data[end:]
+                data, done = self._events(data, stream, rewrite_id)
+                await self._write(out, data)
+                if first:
+                    self.metrics.overhead_relay.observe(time.perf_counter() - t_in)
+                    first = False
+                stream.bytes_out += len(data)
+                if done:
+                    return True, ""
+                self.ledger.progress(stream.key, job.prompt_tokens + stream.materialized)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return False, f"{type(exc).__name__}"
         return False, "stream ended without [DONE]"
 
     @staticmethod
-    def _observe(data: bytes, stream: _Stream, rewrite_id: bool) -> bytes | None:
-        """Note the text a chunk carries; on a continuation, give it the first stream's id."""
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return None
-        if not isinstance(chunk, dict):
-            return None
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
+    def _events(data: bytes, stream: _Stream, rewrite_id: bool) -> tuple[bytes, bool]:
+        """Note the complete events in `data` (it ends with a separator); returns what to relay and
+        whether [DONE] came. Nothing after [DONE] is relayed."""
+        events = data.split(b"\n\n")
+        events.pop()
+        if rewrite_id:
+            return Router._rewrite(events, stream)
+        pos = 0
+        for event in events:
+            pos += len(event) + 2
+            if event.startswith(b"data: ") and b"\n" not in event:  # the usual shape: one data line
+                payloads = [event[6:].strip()]
+            else:
+                payloads = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
+            for payload in payloads:
+                if payload == b"[DONE]":
+                    return data[:pos], True
+                stream.add(payload)
+        return data, False
+
+    @staticmethod
+    def _rewrite(events: list[bytes], stream: _Stream) -> tuple[bytes, bool]:
+        """A continuation's events, each chunk parsed at once and given the first stream's id."""
+        out: list[bytes] = []
+        for event in events:
+            lines = [ln + b"\n" for ln in event.split(b"\n") if ln.strip()]
+            if not lines:
                 continue
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(text, str) and text:
-                stream.text.append(text)
-                stream.tokens += 1
-            if choice.get("finish_reason"):
-                stream.finished = True
-        if rewrite_id and stream.chunk_id is not None and chunk.get("id") != stream.chunk_id:
+            for i, line in enumerate(lines):
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        out.append(b"data: [DONE]\n\n")
+                        return b"".join(out), True
+                    lines[i] = Router._observe(payload, stream, True) or line
+            out.extend(lines)
+            out.append(b"\n")
+        return b"".join(out), False
+
+    @staticmethod
+    def _observe(data: bytes, stream: _Stream, rewrite_id: bool) -> bytes | None:
+        """Note the text a chunk carries at once; on a continuation, give it the first stream's id."""
+        stream.settle()
+        chunk = _loads_or_none(data)
+        stream.note(chunk)
+        if (
+            rewrite_id
+            and isinstance(chunk, dict)
+            and stream.chunk_id is not None
+            and chunk.get("id") != stream.chunk_id
+        ):
             chunk["id"] = stream.chunk_id
             return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
-        if stream.chunk_id is None and isinstance(chunk.get("id"), str):
-            stream.chunk_id = chunk["id"]
         return None
 
     async def _continue(
@@ -740,10 +892,11 @@ class Router:
         why: str,
     ) -> bool:
         """Continue a broken stream elsewhere; on failure end it with an error event. True if completed."""
+        stream.settle()  # the exact text the client has seen
         if stream.finished:
             # Everything but [DONE] arrived: close it properly.
             await self._write(out, b"data: [DONE]\n\n")
-            self.metrics.requests.labels(broken.region, "ok").inc()
+            self.metrics.outcome(broken.region, "ok")
             return True
         failed = {broken.target}
         # Nothing relayed yet: the original request is its own continuation.
@@ -786,10 +939,11 @@ class Router:
             if done:
                 self._record(cand, ok=True)
                 self.metrics.continuations.labels("ok").inc()
-                self.metrics.requests.labels(cand.region, "continued").inc()
+                self.metrics.outcome(cand.region, "continued")
                 return True
             self._record(cand, ok=False)
             failed.add(cand.target)
+            stream.settle()
             if stream.finished:
                 return await self._continue(request, job, cand, out, stream, why)
             payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
 
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
+OVERHEAD_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 
 
 class _Live(Collector):
@@ -95,4 +96,24 @@ class RouterMetrics:
             buckets=DECISION_BUCKETS,
             registry=r,
         )
+        self.overhead = Histogram(
+            "gpufleet_router_overhead_seconds",
+            "time a request spends in the router itself: phase=request from its arrival to the POST "
+            "upstream (body, parse, admission, decision); phase=relay from a stream's first bytes "
+            "read upstream to their write to the client",
+            ["phase"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.overhead_request = self.overhead.labels("request")
+        self.overhead_relay = self.overhead.labels("relay")
+        self._outcomes: dict[tuple[str, str], Counter] = {}
         r.register(_Live(router, clock))
+
+    def outcome(self, region: str, outcome: str) -> None:
+        """Count one request by region and outcome (label children cached: `labels()` locks and
+        validates on every call)."""
+        child = self._outcomes.get((region, outcome))
+        if child is None:
+            child = self._outcomes[region, outcome] = self.requests.labels(region, outcome)
+        child.inc()

@@ -189,33 +189,74 @@ class HeadroomPolicy:
         regions: Sequence[RegionView],
         now: float,
     ) -> list[Candidate]:
+        # One pass over the engines; the filters and `headroom` are inlined (this runs per request
+        # over every engine: 1,000 engines must take well under a millisecond).
         allowed = _allowed_regions(request, regions)
         need = request.need_tokens
-        by_region: dict[str, list[tuple[float, int, str]]] = {}
+        exclude = request.exclude
+        allow_remote = request.allow_remote
+        stale_after = self.config.stale_after_s
+        per_waiting = self.config.waiting_request_tokens
+        closed_regions = {k for k, r in allowed.items() if r.remote and not allow_remote}
+        by_region: dict[str, list[tuple[float, str]]] = {}
         totals: dict[str, float] = {}
         for e in engines:
-            region = allowed.get(e.region)
+            key = e.region
             if (
-                region is None
-                or not engine_usable(e, request)
-                or (region.remote and not request.allow_remote)
+                key not in allowed
+                or not e.healthy
+                or e.drained
+                or e.breaker is BreakerState.open
+                or (exclude and e.id in exclude)
+                or key in closed_regions
             ):
                 continue
-            room = headroom(e, now, self.config)
-            totals[e.region] = totals.get(e.region, 0.0) + room
+            # headroom(e, now, config)
+            sampled = e.sampled_at
+            if sampled is None or max(0.0, now - sampled) > stale_after:
+                room = 0.0
+            else:
+                waiting = e.waiting_tokens
+                if waiting is None:
+                    waiting = e.waiting * per_waiting
+                room = max(0.0, e.free_tokens - e.pending_tokens - waiting)
+            totals[key] = totals.get(key, 0.0) + room
             if room >= need:
-                by_region.setdefault(e.region, []).append((room, _tie(request.affinity_key, e.id), e.id))
-        ranked: list[tuple[tuple, Candidate | list[Candidate]]] = []
+                fits = by_region.get(key)
+                if fits is None:
+                    by_region[key] = [(room, e.id)]
+                else:
+                    fits.append((room, e.id))
+        ranked: list[tuple[tuple, list[Candidate]]] = []
         for key, fits in by_region.items():
             region = allowed[key]
-            fits.sort(key=lambda t: (-t[0], t[1]))
             order = (not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
-            ranked.append((order, [Candidate(key, eid, room) for room, _, eid in fits]))
+            ranked.append((order, [Candidate(key, eid, room) for room, eid in _by_room(fits, request)]))
         for region, free in _peer_candidates(request, allowed, set(totals), now, self.config):
             order = (not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
             ranked.append((order, [Candidate(region.key, None, region.largest_free_tokens)]))
         ranked.sort(key=lambda t: t[0])
         return [c for _, group in ranked for c in group]
+
+
+def _by_room(fits: list[tuple[float, str]], request: RoutedRequest) -> list[tuple[float, str]]:
+    """Most headroom first; equal headroom by the prefix-affinity tie-break (`_tie`), which is
+    computed only for the engines that are tied."""
+    fits.sort(key=lambda t: -t[0])  # stable: ties stay in engine order
+    if request.affinity_key is None or len(fits) < 2:
+        return fits
+    out: list[tuple[float, str]] = []
+    i, n = 0, len(fits)
+    while i < n:
+        j = i + 1
+        while j < n and fits[j][0] == fits[i][0]:
+            j += 1
+        if j - i > 1:
+            out.extend(sorted(fits[i:j], key=lambda t: _tie(request.affinity_key, t[1])))
+        else:
+            out.append(fits[i])
+        i = j
+    return out
 
 
 @dataclass
@@ -315,31 +356,48 @@ class OptimisticLedger:
     summary), `covered(target, t)` stops counting entries routed before t. Pure: time is passed in.
     """
 
-    __slots__ = ("_by_target", "_where", "_covered")
+    __slots__ = ("_by_target", "_where", "_covered", "_sums")
 
     def __init__(self) -> None:
         # target -> request key -> [routed_at, need, materialized]
         self._by_target: dict[str, dict[object, list[float]]] = {}
         self._where: dict[object, str] = {}
         self._covered: dict[str, float] = {}
+        # target -> sum of max(0, need - materialized) over its entries, kept up to date so that
+        # `pending` (asked per engine per request) does not walk every request in flight.
+        self._sums: dict[str, float] = {}
+
+    def _add(self, target: str, amount: float) -> None:
+        self._sums[target] = self._sums.get(target, 0.0) + amount
 
     def routed(self, target: str, key: object, need_tokens: float, now: float) -> None:
-        self._by_target.setdefault(target, {})[key] = [now, need_tokens, 0.0]
+        entries = self._by_target.setdefault(target, {})
+        old = entries.get(key)
+        if old is not None:
+            self._add(target, -max(0.0, old[1] - old[2]))
+        entries[key] = [now, need_tokens, 0.0]
+        self._add(target, max(0.0, need_tokens))
         self._where[key] = target
 
     def progress(self, key: object, materialized_tokens: float) -> None:
         """The request now holds this many of its tokens in the target's KV cache."""
         target = self._where.get(key)
         if target is not None:
-            self._by_target[target][key][2] = materialized_tokens
+            entry = self._by_target[target][key]
+            _, need, held = entry
+            entry[2] = materialized_tokens
+            self._add(target, max(0.0, need - materialized_tokens) - max(0.0, need - held))
 
     def done(self, key: object) -> None:
         target = self._where.pop(key, None)
         if target is not None:
             entries = self._by_target[target]
-            entries.pop(key, None)
+            entry = entries.pop(key, None)
             if not entries:
                 del self._by_target[target]
+                self._sums.pop(target, None)  # exactly 0 again, whatever rounding crept in
+            elif entry is not None:
+                self._add(target, -max(0.0, entry[1] - entry[2]))
 
     def covered(self, target: str, until: float) -> None:
         self._covered[target] = until
@@ -348,7 +406,9 @@ class OptimisticLedger:
         entries = self._by_target.get(target)
         if not entries:
             return 0.0
-        since = self._covered.get(target, float("-inf"))
+        if target not in self._covered:
+            return max(0.0, self._sums.get(target, 0.0))
+        since = self._covered[target]
         return sum(max(0.0, need - held) for t, need, held in entries.values() if t > since)
 
     def in_flight(self, target: str) -> int:
