@@ -119,72 +119,6 @@ def synthetic(
     return items
 
 
-@dataclass(frozen=True)
-class TraceRow:
-    arrival_s: float  # seconds from the trace's first request
-    input_tokens: int
-    output_tokens: int
-    hash_ids: tuple[int, ...] = ()
-
-
-def read_trace(path: Path) -> list[TraceRow]:
-    """Rows of an Azure LLM inference trace (CSV: TIMESTAMP, ContextTokens, GeneratedTokens) or a
-    Mooncake trace (JSONL, gzip'd or not: timestamp in ms, input_length, output_length, hash_ids),
-    sorted by arrival. Raises WorkloadError naming the file and line of the first bad row."""
-    import csv
-    import gzip
-    import io
-    import json
-    from datetime import datetime
-
-    path = Path(path)
-    if not path.is_file():
-        raise WorkloadError(f"trace {path} does not exist or is not a file")
-    try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
-        raise WorkloadError(f"cannot read trace {path}: {exc}") from None
-    rows: list[TraceRow] = []
-    first = text.lstrip()[:1]
-    n = 0  # the line being read, for error messages
-    try:
-        if first == "{":
-            for n, line in enumerate(text.splitlines(), 1):  # noqa: B007 - n names the line in errors
-                if not line.strip():
-                    continue
-                d = json.loads(line)
-                rows.append(TraceRow(float(d["timestamp"]) / 1000.0, int(d["input_length"]),
-                                     int(d["output_length"]), tuple(int(h) for h in d.get("hash_ids", ()))))
-        else:
-            reader = csv.DictReader(io.StringIO(text))
-            need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
-            if not reader.fieldnames or not need <= set(reader.fieldnames):
-                raise WorkloadError(
-                    f"trace {path}: not an Azure trace CSV (columns {', '.join(sorted(need))}) "
-                    "nor Mooncake JSONL (one JSON object a line)"
-                )
-            t0 = None
-            for n, r in enumerate(reader, 2):  # noqa: B007
-                # Timestamps carry 7 fractional digits; datetime takes 6.
-                stamp = r["TIMESTAMP"].strip()
-                head, dot, frac = stamp.partition(".")
-                ts = datetime.fromisoformat(head + (dot + frac[:6] if dot else "")).timestamp()
-                t0 = ts if t0 is None else t0
-                rows.append(TraceRow(ts - t0, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
-    except WorkloadError:
-        raise
-    except (ValueError, KeyError, TypeError) as exc:
-        raise WorkloadError(f"trace {path}, line {n}: {type(exc).__name__}: {exc}") from None
-    if not rows:
-        raise WorkloadError(f"trace {path} has no requests")
-    rows.sort(key=lambda r: r.arrival_s)
-    base = rows[0].arrival_s
-    return [replace(r, arrival_s=r.arrival_s - base) for r in rows]
-
-
 def from_trace(
     path: Path,
     load_scale: float = 1.0,
@@ -199,7 +133,12 @@ def from_trace(
     """
     if load_scale <= 0:
         raise WorkloadError("load scale must be positive")
-    rows = read_trace(Path(path))
+    from gpufleet.serving.traces import TraceError, read_trace
+
+    try:
+        rows = read_trace(path)
+    except TraceError as exc:
+        raise WorkloadError(f"trace {exc}") from None
     items: list[WorkItem] = []
     end = None if duration_s is None else start_s + duration_s
     for row in rows:
@@ -211,9 +150,9 @@ def from_trace(
             WorkItem(
                 id=len(items),
                 at_s=(row.arrival_s - start_s) / load_scale,
-                prompt_tokens=max(1, row.input_tokens),
-                max_tokens=max(1, row.output_tokens),
-                hash_ids=row.hash_ids,
+                prompt_tokens=row.prompt_tokens,
+                max_tokens=row.output_tokens,
+                hash_ids=row.block_hashes or (),
             )
         )
         if limit is not None and len(items) >= limit:

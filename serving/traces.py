@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -47,65 +48,72 @@ def _parse_azure_time(text: str) -> float:
     return dt.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
-def read_azure_csv(path: str | Path) -> list[TraceRecord]:
-    path = Path(path)
+def _azure_records(path: Path, text: str) -> list[TraceRecord]:
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
+    if not reader.fieldnames or not need <= set(reader.fieldnames):
+        raise TraceError(
+            f"{path}: neither an Azure trace CSV (columns {', '.join(sorted(need))}) "
+            "nor Mooncake JSONL (one JSON object a line)"
+        )
     out: list[TraceRecord] = []
     t0: float | None = None
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise TraceError(f"{path}: expected columns {', '.join(sorted(need))}, found {reader.fieldnames}")
-        for i, row in enumerate(reader):
-            try:
-                t = _parse_azure_time(row["TIMESTAMP"])
-                prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
-            except (ValueError, TypeError) as exc:
-                raise TraceError(f"{path}:{i + 2}: {exc}") from None
-            if t0 is None:
-                t0 = t
-            out.append(TraceRecord(t - t0, max(1, prompt), max(1, output), index=i))
-    out.sort(key=lambda r: r.arrival_s)
+    for i, row in enumerate(reader):
+        try:
+            t = _parse_azure_time(row["TIMESTAMP"])
+            prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise TraceError(f"{path}:{i + 2}: {exc}") from None
+        if t0 is None:
+            t0 = t
+        out.append(TraceRecord(t - t0, max(1, prompt), max(1, output), index=i))
     return out
 
 
-def read_mooncake(path: str | Path) -> list[TraceRecord]:
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+def _mooncake_records(path: Path, text: str) -> list[TraceRecord]:
     out: list[TraceRecord] = []
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
-        for i, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                rec = TraceRecord(
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            out.append(
+                TraceRecord(
                     arrival_s=float(d["timestamp"]) / 1000.0,
                     prompt_tokens=max(1, int(d["input_length"])),
                     output_tokens=max(1, int(d["output_length"])),
                     block_hashes=tuple(int(h) for h in d.get("hash_ids") or ()) or None,
                     index=i,
                 )
-            except (ValueError, KeyError, TypeError) as exc:
-                raise TraceError(f"{path}:{i + 1}: {exc!r}") from None
-            out.append(rec)
-    if out:
-        t0 = min(r.arrival_s for r in out)
-        out = sorted((replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TraceError(f"{path}:{i + 1}: {exc!r}") from None
     return out
 
 
 def read_trace(path: str | Path) -> list[TraceRecord]:
-    """Either format, by file name: *.csv is Azure, *.jsonl / *.jsonl.gz is Mooncake."""
+    """Either format, told apart by content (gzip'd or not), sorted by arrival from 0.
+
+    Raises TraceError naming the file (and line) for a missing, unreadable, empty or malformed trace.
+    """
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
-    name = path.name.lower()
-    if name.endswith(".csv"):
-        return read_azure_csv(path)
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        return read_mooncake(path)
-    raise TraceError(f"{path}: unknown trace format (expected .csv or .jsonl[.gz])")
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+        raise TraceError(f"{path}: cannot read the trace: {exc}") from None
+    if text.lstrip()[:1] == "{":
+        out = _mooncake_records(path, text)
+    else:
+        out = _azure_records(path, text)
+    if not out:
+        raise TraceError(f"{path}: the trace has no requests")
+    t0 = min(r.arrival_s for r in out)
+    return sorted((replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
 
 
 def time_window(
