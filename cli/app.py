@@ -8,7 +8,6 @@ cloud SDKs, aiohttp) is imported inside the command that needs it.
 from __future__ import annotations
 
 import typer
-
 from gpufleet.cli import (
     bench,
     capacity,

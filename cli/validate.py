@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import typer
-
 from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, console, fail, load_fleet_or_exit
 
 
@@ -71,7 +70,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         out = console()
-        table = Table(title=f"fleet {fleet.fleet}: {len(rows)} regions, models {', '.join(m.name for m in fleet.models)}")
+        models = ", ".join(m.name for m in fleet.models)
+        table = Table(title=f"fleet {fleet.fleet}: {len(rows)} regions, models {models}")
         for col in ("region", "gpu", "instance", "nodes", "GPUs at max", "tier", "residency", "$/h at max"):
             table.add_column(col, justify="right" if col in ("nodes", "GPUs at max", "$/h at max") else "left")
         for r in rows:

@@ -102,10 +102,9 @@ def _message(err: dict[str, Any]) -> str:
 
 def parse_fleet(text: str | bytes, file: str = "<fleet>"):
     """Validate fleet YAML text; return a `Fleet` or raise `FleetFileError`."""
-    from pydantic import ValidationError
-
     from gpufleet.stacks.catalog import CatalogError
     from gpufleet.stacks.spec import Fleet
+    from pydantic import ValidationError
 
     if isinstance(text, bytes):
         if b"\x00" in text:

@@ -12,9 +12,8 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from gpufleet.stacks import catalog
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _NAME = r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$"
 
