@@ -371,7 +371,7 @@ async def main(args) -> None:
                 await compare(
                     "1 stream",
                     args.rounds,
-                    lambda u: steady(s, u, 1, args.seconds / 3),
+                    lambda u: steady(s, u, 1, args.seconds),
                     s,
                     router.pid,
                     router_url,
