@@ -695,10 +695,9 @@ class Router:
         left = job.deadline - self.clock()
         if left <= 0:
             raise _Upstream("deadline passed", penalize=False)
-        # Streams must show life within idle_timeout_s; a whole non-streamed answer may take until
-        # the deadline.
-        read = min(left, s.idle_timeout_s) if job.stream else left
-        timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=read)
+        # Until the first byte the request may rightly wait in the engine's queue, so reads are bounded
+        # by its deadline only; `_pump` tightens a stream to idle_timeout_s once its first byte came.
+        timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=left)
         post = self._session.post(self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout)
         try:
             resp = await self._watched(post, cand)
@@ -757,7 +756,7 @@ class Router:
             raise _ClientGone() from exc
         stream = _Stream(key=key)
         try:
-            done, broke = await self._pump(job, resp, out, stream, rewrite_id=False)
+            done, broke = await self._pump(job, resp, out, stream, False, cand)
             if done:
                 self._record(cand, ok=True)
                 self.metrics.outcome(cand.region, "ok")
@@ -790,6 +789,7 @@ class Router:
         out: web.StreamResponse,
         stream: _Stream,
         rewrite_id: bool,
+        cand: Candidate,
     ) -> tuple[bool, str]:
         """Relay SSE events until [DONE]. Returns (completed, why it broke).
 
@@ -799,8 +799,18 @@ class Router:
         """
         tail = b""  # an incomplete event, waiting for the rest
         first = stream.bytes_out == 0 and not rewrite_id
+        content = resp.content
+        # Until its first token the request may rightly wait in the engine's queue: reads wait up to
+        # the deadline (set in `_open`; the hung-engine watch applies). From the first token on,
+        # silence longer than idle_timeout_s means the stream broke. Not from the first byte: an
+        # engine may send the role chunk before the request leaves its queue.
+        started = False
+        tokens_before = stream.tokens  # a continuation starts with the text already relayed
         try:
-            async for data in resp.content.iter_any():
+            while True:
+                data = await (content.readany() if started else self._watched(content.readany(), cand))
+                if not data:
+                    break
                 if first:
                     t_in = time.perf_counter()
                 if tail:
@@ -821,9 +831,16 @@ class Router:
                 stream.bytes_out += len(data)
                 if done:
                     return True, ""
+                if not started:
+                    stream.settle()  # parse only until the first token
+                    if stream.tokens > tokens_before or stream.finished:
+                        _idle_timeout(resp, self.config.settings.idle_timeout_s)
+                        started = True
                 self.ledger.progress(stream.key, job.prompt_tokens + stream.materialized)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return False, f"{type(exc).__name__}"
+        except _Upstream as exc:  # the scraper found the engine dead while the request waited
+            return False, str(exc)
         return False, "stream ended without [DONE]"
 
     @staticmethod
@@ -932,7 +949,7 @@ class Router:
                     failed.add(cand.target)
                     self._release(cand)
                     continue
-                done, why = await self._pump(job, resp, out, stream, rewrite_id=True)
+                done, why = await self._pump(job, resp, out, stream, True, cand)
             finally:
                 resp.release()
                 self._note_done(cand, key)
@@ -951,6 +968,17 @@ class Router:
         err = error_body(502, f"the stream broke ({why}) and could not be continued", "service_unavailable")
         await self._write(out, b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
         return False
+
+
+def _idle_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
+    """From now on, a read on this response that waits longer than `seconds` fails (aiohttp's
+    sock_read, changed on the open connection and restarted from now)."""
+    conn = resp.connection
+    proto = conn.protocol if conn is not None else None
+    if proto is not None:
+        proto.read_timeout = seconds
+        if not resp.content.is_eof():  # at EOF aiohttp has dropped the timer for good
+            proto.start_timeout()
 
 
 def continuation_payload(

@@ -38,6 +38,7 @@ class RegionSpec:
     instance_type: str | None = None
     residency: str = "us"
     reservation_id: str | None = None
+    max_num_seqs: int | None = None  # e.g. 1: a second request waits in the engine's queue
 
     @property
     def key(self) -> str:
@@ -148,6 +149,7 @@ async def start_fleet(
                     num_gpu_blocks=spec.blocks,
                     max_model_len=4096,
                     served_model_name=MODEL,
+                    max_num_seqs=spec.max_num_seqs,
                 ),
                 time_scale=time_scale,
                 admin_token=TOKEN,

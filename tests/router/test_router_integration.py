@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .harness import MODEL, TOKEN, FleetBed, ask, router_metric, start_fleet
+from .harness import MODEL, TOKEN, FleetBed, RegionSpec, ask, router_metric, start_fleet
 
 AWS, GCP, AZURE = "aws-us-east-1", "gcp-us-central1", "azure-eastus"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -307,3 +307,30 @@ def test_router_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch, mi
     res = CliRunner().invoke(app, ["router", "serve", "--fleet", str(fleet), "--region", "aws-us-east-1"])
     assert res.exit_code == 3, res.output
     assert "admin token" in res.output
+
+
+def test_a_queued_request_waits_for_its_first_token_until_its_deadline(tmp_path):
+    """The idle timeout is for silence mid-stream. A request waiting in an engine's queue for its first
+    token is not broken: it may wait until its deadline (request_timeout_s), however short
+    idle_timeout_s is."""
+
+    async def main():
+        one = (RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=512, max_num_seqs=1),)
+        bed = await start_fleet(tmp_path, one, time_scale=2.0, router={"idle_timeout_s": 0.4})
+        try:
+            url = bed[AWS].url
+            # The engine runs one sequence at a time: the second request waits for the first to finish.
+            first = asyncio.create_task(ask(bed.session, url, max_tokens=300))
+            await asyncio.sleep(0.05)
+            second = await ask(bed.session, url, max_tokens=8)
+            first = await first
+            assert first.complete and first.tokens == 300
+            assert second.complete, second.error
+            assert second.tokens == 8
+            # It really waited longer than the idle timeout for its first token, and was never retried.
+            assert second.ttft_s is not None and second.ttft_s > 0.4 * 2
+            assert await router_metric(bed.session, url, "gpufleet_router_retries_total") == 0
+        finally:
+            await bed.close()
+
+    run(main())
