@@ -35,6 +35,7 @@ from gpufleet.serving.router.policy import (
     estimate_prompt_tokens,
     headroom,
     make_policy,
+    spare_headroom,
 )
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -313,7 +314,8 @@ class Router:
     def local_summary(self, now: float) -> dict[str, Any]:
         views = self.engine_views(now)
         drained = self.region in self.drained_regions
-        rooms = [0.0 if drained or v.drained else self.headroom_of(v, now) for v in views]
+        # Peers spill here only into engines that admit now (no waiting queue).
+        rooms = [0.0 if drained or v.drained else spare_headroom(v, now, self.policy_config) for v in views]
         ages = [v.age(now) for v in views if v.sampled_at is not None]
         return {
             "region": self.region,

@@ -128,6 +128,12 @@ def headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
     return max(0.0, engine.free_tokens - engine.pending_tokens - waiting)
 
 
+def spare_headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
+    """Headroom a peer region may spill into: none while the engine has a waiting queue (it admits
+    nothing now, whatever its free KV; see HeadroomPolicy)."""
+    return 0.0 if engine.waiting > 0 else headroom(engine, now, config)
+
+
 def region_allowed(region: RegionView, request: RoutedRequest) -> bool:
     if region.drained or region.breaker is BreakerState.open or region.key in request.exclude:
         return False
@@ -199,6 +205,7 @@ class HeadroomPolicy:
         per_waiting = self.config.waiting_request_tokens
         closed_regions = {k for k, r in allowed.items() if r.remote and not allow_remote}
         by_region: dict[str, list[tuple[float, str]]] = {}
+        queued: dict[str, list[tuple[float, str]]] = {}  # fits, but has a waiting queue (saturated)
         totals: dict[str, float] = {}
         for e in engines:
             key = e.region
@@ -222,18 +229,23 @@ class HeadroomPolicy:
                 room = max(0.0, e.free_tokens - e.pending_tokens - waiting)
             totals[key] = totals.get(key, 0.0) + room
             if room >= need:
-                fits = by_region.get(key)
+                # An engine with a waiting queue cannot admit even what its free KV would hold (its
+                # scheduler is out of sequences or of token budget): it fits only as a last resort,
+                # after every engine and peer region with room to admit the request now.
+                group = queued if e.waiting > 0 else by_region
+                fits = group.get(key)
                 if fits is None:
-                    by_region[key] = [(room, e.id)]
+                    group[key] = [(room, e.id)]
                 else:
                     fits.append((room, e.id))
         ranked: list[tuple[tuple, list[Candidate]]] = []
-        for key, fits in by_region.items():
-            region = allowed[key]
-            order = (not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
-            ranked.append((order, [Candidate(key, eid, room) for room, eid in _by_room(fits, request)]))
+        for last, groups in ((False, by_region), (True, queued)):
+            for key, fits in groups.items():
+                region = allowed[key]
+                order = (last, not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
+                ranked.append((order, [Candidate(key, eid, room) for room, eid in _by_room(fits, request)]))
         for region, free in _peer_candidates(request, allowed, set(totals), now, self.config):
-            order = (not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
+            order = (False, not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
             ranked.append((order, [Candidate(region.key, None, region.largest_free_tokens)]))
         ranked.sort(key=lambda t: t[0])
         return [c for _, group in ranked for c in group]

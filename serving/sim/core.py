@@ -620,7 +620,6 @@ class Simulator:
     # -- scrapes, samples, failures -------------------------------------------------------------------
 
     def _on_scrape(self, now: float) -> None:
-        per_waiting = self.policy_cfg.waiting_request_tokens
         self._rv_cache.clear()
         for router in self.routers.values():
             ledger = router.ledger
@@ -638,8 +637,9 @@ class Simulator:
                 if stamp != e.stamp or e.stats is None:
                     st = e.stats = eng.stats()
                     e.stamp = stamp
-                    # the summary's headroom before accounting: free minus the waiting estimate
-                    e.room = st.free_tokens - st.num_waiting * per_waiting
+                    # the summary's headroom before accounting (policy.spare_headroom): free minus
+                    # the waiting estimate, and none at all while the engine has a waiting queue
+                    e.room = 0.0 if st.num_waiting else st.free_tokens
                 e.sampled_at = now
                 healthy += 1
                 if eng.requests:

@@ -16,6 +16,7 @@ from gpufleet.serving.router.policy import (
     RoutedRequest,
     headroom,
     make_policy,
+    spare_headroom,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,6 +143,32 @@ def test_peer_summaries_are_forward_candidates():
     assert [(c.region, c.engine) for c in cands] == [("peer", None)]
     # A request that already crossed a region boundary is not forwarded again.
     assert p.choose(RoutedRequest(1_000, allow_remote=False), [eng("l1", "local", 200)], regions, NOW) == []
+
+
+def test_an_engine_with_a_waiting_queue_fits_only_as_a_last_resort():
+    """A waiting queue means the engine admits nothing now, whatever its free KV: the request goes
+    to an engine or a peer region that admits it now, and to the queued engine only if none does."""
+    p = HeadroomPolicy(CFG)
+    peer = reg(
+        "peer",
+        tier="spot",  # a worse tier than local: still before a local engine with a queue
+        remote=True,
+        free_tokens=9_000,
+        largest_free_tokens=9_000,
+        healthy_engines=1,
+        summarized_at=NOW - 1,
+    )
+    regions = [REGIONS[0], peer]
+    busy = eng("l1", "local", 90_000, waiting=2)
+    idle = eng("l2", "local", 5_000)
+    assert ids(p.choose(RoutedRequest(1_000), [busy, idle], regions, NOW)) == ["l2", "peer", "l1"]
+    assert ids(p.choose(RoutedRequest(1_000), [busy], regions, NOW)) == ["peer", "l1"]
+    # Nothing else admits it (the peer is too small, or it was forwarded once): still served, not refused.
+    assert ids(p.choose(RoutedRequest(20_000), [busy], regions, NOW)) == ["l1"]
+    assert ids(p.choose(RoutedRequest(1_000, allow_remote=False), [busy], regions, NOW)) == ["l1"]
+    # What a region publishes for its peers: no room on an engine with a queue.
+    assert spare_headroom(busy, NOW, CFG) == 0
+    assert spare_headroom(idle, NOW, CFG) == headroom(idle, NOW, CFG) == 5_000
 
 
 def test_round_robin_rotates_and_least_outstanding_balances():
