@@ -967,6 +967,12 @@ class Router:
                 return await self._continue(request, job, cand, out, stream, why)
             payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
         self.metrics.continuations.labels("failed").inc()
+        if not job.routed.allow_remote and request.transport is not None:
+            # A request forwarded by a peer: the origin router owns the client's stream and may try
+            # regions this router may not (one hop only). Break the relay instead of ending it with
+            # an error event, so the origin sees a broken stream and continues it elsewhere.
+            request.transport.close()
+            return False
         err = error_body(502, f"the stream broke ({why}) and could not be continued", "service_unavailable")
         await self._write(out, b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
         return False

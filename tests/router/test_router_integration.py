@@ -334,3 +334,38 @@ def test_a_queued_request_waits_for_its_first_token_until_its_deadline(tmp_path)
             await bed.close()
 
     run(main())
+
+
+def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin(tmp_path):
+    """A peer that received a forwarded request may not hop again; when its engine breaks the stream
+    and it has no other engine, the ORIGIN router (which owns the client's stream) continues it in a
+    third region, and the client still sees one complete stream."""
+
+    async def main():
+        regions = (
+            # Too small for the request: the origin forwards it.
+            RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=2),
+            # The preferred peer (on-demand, most room): its only engine breaks every stream.
+            RegionSpec("gcp", "us-central1", "H100-80GB", engines=1, blocks=512, instance_type="a3-highgpu-1g"),
+            # The last resort (spot): where the origin continues.
+            RegionSpec(
+                "azure", "eastus", "A100-80GB", engines=1, blocks=256, tier="spot",
+                instance_type="Standard_NC24ads_A100_v4",
+            ),  # fmt: skip
+        )
+        bed = await start_fleet(tmp_path, regions, time_scale=20)
+        try:
+            await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
+            await settle(bed)
+            a = await ask(bed.session, bed[AWS].url, max_tokens=40, content="forwarded then broken")
+            assert a.complete, a.error
+            assert a.tokens == 40 and len(a.ids) == 1
+            assert engine_requests(bed, GCP) >= 1 and engine_requests(bed, AZURE) >= 1
+            assert (
+                await router_metric(bed.session, bed[AWS].url, "gpufleet_router_continuations_total", outcome="ok")
+                >= 1
+            )
+        finally:
+            await bed.close()
+
+    run(main())
