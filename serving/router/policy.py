@@ -155,6 +155,19 @@ def _allowed_regions(request: RoutedRequest, regions: Sequence[RegionView]) -> d
     return {r.key: r for r in regions if region_allowed(r, request)}
 
 
+def _usable_engines(
+    request: RoutedRequest, engines: Sequence[EngineView], allowed: dict[str, RegionView]
+) -> list[EngineView]:
+    """Engines the request may go to: in an allowed region (local, or remote if it may hop) and usable."""
+    return [
+        e
+        for e in engines
+        if e.region in allowed
+        and (request.allow_remote or not allowed[e.region].remote)
+        and engine_usable(e, request)
+    ]
+
+
 def _tie(affinity_key: str | None, engine_id: str) -> int:
     # Stable per (prompt prefix, engine): equal-headroom engines keep getting the same prefix,
     # so its cached blocks get reused.
@@ -195,38 +208,19 @@ class HeadroomPolicy:
         regions: Sequence[RegionView],
         now: float,
     ) -> list[Candidate]:
-        # One pass over the engines; the filters and `headroom` are inlined (this runs per request
-        # over every engine: 1,000 engines must take well under a millisecond).
+        # One pass over the engines, through the same `engine_usable` and `headroom` as everything else.
         allowed = _allowed_regions(request, regions)
         need = request.need_tokens
-        exclude = request.exclude
-        allow_remote = request.allow_remote
-        stale_after = self.config.stale_after_s
-        per_waiting = self.config.waiting_request_tokens
-        closed_regions = {k for k, r in allowed.items() if r.remote and not allow_remote}
+        config = self.config
+        closed_regions = {k for k, r in allowed.items() if r.remote and not request.allow_remote}
         by_region: dict[str, list[tuple[float, str]]] = {}
         queued: dict[str, list[tuple[float, str]]] = {}  # fits, but has a waiting queue (saturated)
         totals: dict[str, float] = {}
         for e in engines:
             key = e.region
-            if (
-                key not in allowed
-                or not e.healthy
-                or e.drained
-                or e.breaker is BreakerState.open
-                or (exclude and e.id in exclude)
-                or key in closed_regions
-            ):
+            if key not in allowed or key in closed_regions or not engine_usable(e, request):
                 continue
-            # headroom(e, now, config)
-            sampled = e.sampled_at
-            if sampled is None or max(0.0, now - sampled) > stale_after:
-                room = 0.0
-            else:
-                waiting = e.waiting_tokens
-                if waiting is None:
-                    waiting = e.waiting * per_waiting
-                room = max(0.0, e.free_tokens - e.pending_tokens - waiting)
+            room = headroom(e, now, config)
             totals[key] = totals.get(key, 0.0) + room
             if room >= need:
                 # An engine with a waiting queue cannot admit even what its free KV would hold (its
@@ -287,9 +281,7 @@ class RoundRobinPolicy:
         now: float,
     ) -> list[Candidate]:
         allowed = _allowed_regions(request, regions)
-        usable = [e for e in engines if e.region in allowed and engine_usable(e, request)]
-        if not request.allow_remote:
-            usable = [e for e in usable if not allowed[e.region].remote]
+        usable = _usable_engines(request, engines, allowed)
         out: list[Candidate] = []
         if usable:
             start = self._turn % len(usable)
@@ -319,13 +311,7 @@ class LeastOutstandingPolicy:
         now: float,
     ) -> list[Candidate]:
         allowed = _allowed_regions(request, regions)
-        usable = [
-            e
-            for e in engines
-            if e.region in allowed
-            and engine_usable(e, request)
-            and (request.allow_remote or not allowed[e.region].remote)
-        ]
+        usable = _usable_engines(request, engines, allowed)
         usable.sort(key=lambda e: (e.outstanding + e.waiting, not allowed[e.region].local, e.id))
         out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in usable]
         seen = {e.region for e in usable}
