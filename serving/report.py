@@ -80,18 +80,59 @@ def failed_between(records: Sequence[RequestRecord], start: float, end: float) -
 
 # ---- targets ---------------------------------------------------------------------------------------
 
+SLO_GOAL = 0.9  # the SLO attainment goal of DistServe's goodput
+
+
+@dataclass(frozen=True)
+class SloCapacity:
+    """The highest load a policy serves with at least `SLO_GOAL` of its requests within SLO.
+
+    This is DistServe's goodput (Zhong et al., OSDI '24, section 1: "the maximum request rate that
+    can be served adhering to the SLO attainment goal (say, 90%)"), read off one load sweep: linear
+    between the last load that meets the goal and the first that does not. `bound` says how far the
+    sweep pins it: "=" between two loads, ">=" when no load of the sweep fell below the goal, "<"
+    when the lowest load already did."""
+
+    load_scale: float | None
+    rate_rps: float | None  # offered requests per second at that load
+    bound: str
+
+    def label(self) -> str:
+        if self.load_scale is None or self.rate_rps is None:
+            return "-"
+        prefix = "" if self.bound == "=" else f"{self.bound} "
+        return f"{prefix}{self.rate_rps:.2f} (x{self.load_scale:.2f})"
+
+
+def slo_capacity(runs: Sequence[RunResult], goal: float = SLO_GOAL) -> SloCapacity:
+    """From one policy's steady runs at several loads (one driver, one trace)."""
+    pts = sorted((r.load_scale, r.summary.requests / r.summary.duration_s, r.summary.slo_attainment)
+                 for r in runs if r.failure is None and r.summary.duration_s > 0)  # fmt: skip
+    if not pts:
+        return SloCapacity(None, None, "-")
+    if pts[0][2] < goal:
+        return SloCapacity(pts[0][0], pts[0][1], "<")
+    for (x0, r0, a0), (x1, r1, a1) in zip(pts, pts[1:], strict=False):
+        if a1 < goal:
+            f = (a0 - goal) / (a0 - a1)
+            return SloCapacity(x0 + f * (x1 - x0), r0 + f * (r1 - r0), "=")
+    return SloCapacity(pts[-1][0], pts[-1][1], ">=")
+
 
 @dataclass
 class TargetCheck:
     trace: str
     driver: str
-    load_scale: float | None  # the load where round-robin's attainment first falls below 90%
-    headroom: float | None
-    round_robin: float | None
-    least_outstanding: float | None
-    vs_round_robin: float | None
-    vs_least_outstanding: float | None
-    failed_in_failure: int | None  # headroom policy, the failure run(s)
+    capacity: dict[str, SloCapacity]  # policy -> rate at 90% SLO attainment (DistServe goodput)
+    vs_round_robin: float | None  # headroom's rate at 90% SLO over round-robin's (target >= 1.3)
+    vs_least_outstanding: float | None  # (target >= 1.1)
+    failed_in_failure: int | None  # headroom policy, the failure run(s) (target 0)
+    # The same-load comparison: goodput at the lowest load where round-robin's attainment is below
+    # 90%. Bounded by 1 / round-robin's attainment there (goodput <= offered rate), so it depends
+    # on the load grid; reported beside the capacity ratio, not as the target.
+    load_scale: float | None = None
+    same_load_vs_round_robin: float | None = None
+    same_load_vs_least_outstanding: float | None = None
 
     @property
     def met(self) -> bool:
@@ -104,33 +145,45 @@ class TargetCheck:
         )
 
 
+def _capacity_ratio(mine: SloCapacity, base: SloCapacity) -> float | None:
+    """Headroom's capacity over a baseline's; None unless the baseline's is pinned and headroom's is
+    pinned or a lower bound (then the ratio is a lower bound too, which is what a target needs)."""
+    if base.bound != "=" or mine.bound not in ("=", ">=") or not base.rate_rps or mine.rate_rps is None:
+        return None
+    return mine.rate_rps / base.rate_rps
+
+
 def check_targets(runs: Sequence[RunResult]) -> list[TargetCheck]:
-    """Per (driver, trace): at the lowest load where round-robin's SLO attainment is below 90%,
-    compare the headroom policy's goodput with round-robin's and least-outstanding's."""
+    """Per (driver, trace): each policy's rate at 90% SLO attainment, headroom's over the
+    baselines', the failed requests through the region failure, and the same-load comparison."""
     out = []
     for driver, trace in sorted({(r.driver, r.trace) for r in runs}):
         mine = [r for r in runs if r.driver == driver and r.trace == trace]
+        policies = sorted({r.policy for r in mine}, key=_policy_order)
+        cap = {p: slo_capacity([r for r in mine if r.policy == p]) for p in policies}
+        none = SloCapacity(None, None, "-")
+        h, rr, lo = (cap.get(p, none) for p in ("headroom", "round-robin", "least-outstanding"))
         steady = {(r.policy, r.load_scale): r for r in mine if r.failure is None}
         rr_loads = sorted(load for (p, load) in steady if p == "round-robin")
-        load = next((x for x in rr_loads if steady[("round-robin", x)].summary.slo_attainment < 0.9), None)
+        load = next((x for x in rr_loads if steady[("round-robin", x)].summary.slo_attainment < SLO_GOAL), None)
 
         def good(policy: str, load=load, steady=steady) -> float | None:
             r = steady.get((policy, load))
             return None if r is None else r.summary.goodput_rps
 
-        h, rr, lo = good("headroom"), good("round-robin"), good("least-outstanding")
+        gh, grr, glo = good("headroom"), good("round-robin"), good("least-outstanding")
         fails = [r.failed_during_failure for r in mine if r.failure and r.policy == "headroom"]
         out.append(
             TargetCheck(
                 trace=trace,
                 driver=driver,
-                load_scale=load,
-                headroom=h,
-                round_robin=rr,
-                least_outstanding=lo,
-                vs_round_robin=(h / rr) if h is not None and rr else None,
-                vs_least_outstanding=(h / lo) if h is not None and lo else None,
+                capacity=cap,
+                vs_round_robin=_capacity_ratio(h, rr),
+                vs_least_outstanding=_capacity_ratio(h, lo),
                 failed_in_failure=max(fails) if fails else None,
+                load_scale=load,
+                same_load_vs_round_robin=(gh / grr) if gh is not None and grr else None,
+                same_load_vs_least_outstanding=(gh / glo) if gh is not None and glo else None,
             )
         )
     return out
@@ -168,17 +221,29 @@ def results_table(runs: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def capacity_table(checks: Sequence[TargetCheck]) -> str:
+    """Each policy's rate at 90% SLO attainment (req/s, with the load), per driver and trace."""
+    policies = sorted({p for c in checks for p in c.capacity}, key=_policy_order)
+    lines = ["| driver | trace | " + " | ".join(policies) + " |", "|---|---|" + "---|" * len(policies)]
+    for c in checks:
+        cells = [c.capacity[p].label() if p in c.capacity else "" for p in policies]
+        lines.append(f"| {c.driver} | {c.trace} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def targets_table(checks: Sequence[TargetCheck]) -> str:
     lines = [
-        "| driver | trace | load where round-robin < 90% SLO | headroom / round-robin (>= 1.3) "
-        "| headroom / least-outstanding (>= 1.1) | failed in region failure (= 0) | met |",
-        "|---|---|---|---|---|---|---|",
+        "| driver | trace | headroom / round-robin at 90% SLO (>= 1.3) "
+        "| headroom / least-outstanding at 90% SLO (>= 1.1) | failed in region failure (= 0) | met "
+        "| same load: first where round-robin < 90% | goodput there, vs round-robin / least-outstanding |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in checks:
         lines.append(
-            f"| {c.driver} | {c.trace} | {'-' if c.load_scale is None else f'x{c.load_scale:g}'} "
-            f"| {_ratio(c.vs_round_robin)} | {_ratio(c.vs_least_outstanding)} "
-            f"| {'-' if c.failed_in_failure is None else c.failed_in_failure} | {'yes' if c.met else 'no'} |"
+            f"| {c.driver} | {c.trace} | {_ratio(c.vs_round_robin)} | {_ratio(c.vs_least_outstanding)} "
+            f"| {'-' if c.failed_in_failure is None else c.failed_in_failure} | {'yes' if c.met else 'no'} "
+            f"| {'-' if c.load_scale is None else f'x{c.load_scale:g}'} "
+            f"| {_ratio(c.same_load_vs_round_robin)} / {_ratio(c.same_load_vs_least_outstanding)} |"
         )
     return "\n".join(lines)
 
@@ -212,7 +277,17 @@ def write_report(
         "", "## Results", "",
         "Goodput: requests completed within the fleet's SLO (TTFT and TPOT) per second of model time,",
         "with the SLO attainment in brackets. p99 TTFT counts lost requests as infinite.", "",
-        results_table(runs), "", "## Targets for the headroom policy", "", targets_table(checks), "",
+        results_table(runs), "",
+        "## Rate at 90% SLO attainment", "",
+        "DistServe's goodput (OSDI '24): the highest request rate a policy serves with at least 90% of",
+        "requests within SLO, read off the load sweep above (linear between the two loads around 90%;",
+        "'>=' when no load of the sweep fell below 90%, '<' when the lowest already did).", "",
+        capacity_table(checks), "",
+        "## Targets for the headroom policy", "",
+        "At 90% SLO attainment, headroom's rate over round-robin's and least-outstanding's, and the",
+        "requests failed through the region failure. Beside it, the same-load comparison at the first",
+        "load where round-robin falls below 90% (bounded by 1 / round-robin's attainment there).", "",
+        targets_table(checks), "",
     ]  # fmt: skip
     extras = [r for r in runs if r.extra]
     if extras:
@@ -226,11 +301,18 @@ def write_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     (out_dir / "results.json").write_text(
-        json.dumps({"runs": [r.to_dict() for r in runs], "targets": [_finite(c.__dict__) for c in checks]},
+        json.dumps({"runs": [r.to_dict() for r in runs], "targets": [_finite(_check_dict(c)) for c in checks]},
                    indent=1),
         encoding="utf-8",
     )  # fmt: skip
     return path
+
+
+def _check_dict(c: TargetCheck) -> dict:
+    d = dict(c.__dict__)
+    d["capacity"] = {p: cap.__dict__ for p, cap in c.capacity.items()}
+    d["met"] = c.met
+    return d
 
 
 def _fmt(v) -> str:

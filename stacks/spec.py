@@ -217,6 +217,13 @@ class RouterSettings(_Strict):
     breaker_failures: int = Field(3, ge=1, le=100, description="consecutive failures that open a breaker")
     breaker_cooldown_s: float = Field(5.0, gt=0, le=3600, description="an open breaker probes after this")
     policy: Literal["headroom", "round-robin", "least-outstanding"] = "headroom"
+    pace_fraction: float = Field(
+        0.8,
+        gt=0,
+        le=2,
+        description="an engine whose recent inter-token latency exceeds this fraction of slo.tpot_ms "
+        "takes new requests only as a last resort (headroom policy)",
+    )
 
 
 class Settings(_Strict):

@@ -377,6 +377,9 @@ class EngineStats:
     prompt_tokens: int  # cumulative tokens prefilled
     generation_tokens: int  # cumulative tokens generated
     num_finished: int
+    # inter-token latency, cumulative as vLLM's histogram (_sum seconds, _count tokens): the decode pace
+    itl_seconds_total: float = 0.0
+    itl_tokens_total: int = 0
 
     @property
     def free_tokens(self) -> float:
@@ -489,6 +492,8 @@ class Engine:
         self.prefix_cache_hits = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.itl_seconds_total = 0.0  # sum over output tokens after the first of the gap before them
+        self.itl_tokens_total = 0
         self.num_finished = 0
         self.num_steps = 0
         self.busy_time = 0.0
@@ -529,6 +534,8 @@ class Engine:
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             num_finished=self.num_finished,
+            itl_seconds_total=self.itl_seconds_total,
+            itl_tokens_total=self.itl_tokens_total,
         )
 
     def has_work(self) -> bool:
@@ -821,6 +828,10 @@ class Engine:
             req.output_token_ids.extend(filler_token(base + j) for j in range(new))
         req.num_output_tokens += new
         self.generation_tokens_total += new
+        if not first and req.last_token_time is not None:
+            # what vLLM's inter_token_latency_seconds histogram adds: the gap, over the new tokens
+            self.itl_seconds_total += now - req.last_token_time
+            self.itl_tokens_total += new
         req.last_token_time = now
         if first and req.first_token_time is None:
             req.first_token_time = now

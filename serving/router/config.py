@@ -42,6 +42,7 @@ class RouterConfig:
     settings: RouterSettings
     admin_token: str
     slo_ttft_ms: float
+    slo_tpot_ms: float = 100.0
 
     @property
     def peers(self) -> list[RegionInfo]:
@@ -109,4 +110,5 @@ def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = 
         settings=fleet.router,
         admin_token=read_admin_token(fleet.router, env),
         slo_ttft_ms=fleet.slo.ttft_ms,
+        slo_tpot_ms=fleet.slo.tpot_ms,
     )

@@ -180,9 +180,7 @@ class Router:
         self.config = config
         s = config.settings
         self.clock = clock
-        self.policy_config = PolicyConfig(
-            stale_after_s=s.stale_after_s, peer_stale_after_s=2 * s.stale_after_s
-        )
+        self.policy_config = PolicyConfig.from_settings(s, config.slo_tpot_ms / 1000.0)
         self.policy = policy or make_policy(s.policy, self.policy_config)
         self.breakers = BreakerBoard(
             engine_threshold=s.breaker_failures,
@@ -263,6 +261,7 @@ class Router:
                 pending_tokens=waiting_for,
                 # Its waiting queue is requests we sent: their whole demand is in pending_tokens.
                 waiting_tokens=0.0,
+                recent_itl_s=st.recent_itl_s,
                 outstanding=in_flight,
             )
             cache[url] = (view, s)

@@ -46,6 +46,7 @@ class EngineView:
     pending_tokens: float = 0.0  # committed here, not yet in the sample (OptimisticLedger.pending)
     outstanding: int = 0  # requests this router has in flight here
     waiting_tokens: float | None = None  # demand of the waiting queue; None: estimate from `waiting`
+    recent_itl_s: float | None = None  # mean inter-token latency since the previous sample (`recent_pace`)
 
     def age(self, now: float) -> float:
         return float("inf") if self.sampled_at is None else max(0.0, now - self.sampled_at)
@@ -99,6 +100,18 @@ class PolicyConfig:
     stale_after_s: float = 3.0
     waiting_request_tokens: float = 512.0  # assumed demand per waiting request when not given
     peer_stale_after_s: float = 6.0
+    # An engine decoding slower than this (recent inter-token latency) is saturated; None: ignore pace.
+    itl_limit_s: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings, tpot_slo_s: float) -> PolicyConfig:
+        """From the fleet's router settings (stacks.spec.RouterSettings) and its TPOT target, as the
+        router and the simulator both build it."""
+        return cls(
+            stale_after_s=settings.stale_after_s,
+            peer_stale_after_s=2 * settings.stale_after_s,
+            itl_limit_s=settings.pace_fraction * tpot_slo_s,
+        )
 
 
 class Policy(Protocol):
@@ -128,10 +141,36 @@ def headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
     return max(0.0, engine.free_tokens - engine.pending_tokens - waiting)
 
 
+def recent_pace(
+    prev_itl_seconds: float, prev_itl_tokens: float, itl_seconds: float, itl_tokens: float,
+    running: int, last: float | None,
+) -> float | None:  # fmt: skip
+    """Mean inter-token latency between two samples of vLLM's `inter_token_latency_seconds`
+    histogram (its _sum and _count). No token in between: the last value while requests are running
+    (a long step or a stall is not a fast engine), None when idle. A counter reset gives None."""
+    tokens = itl_tokens - prev_itl_tokens
+    if tokens > 0:
+        seconds = itl_seconds - prev_itl_seconds
+        return seconds / tokens if seconds >= 0 else None
+    if tokens < 0:
+        return None
+    return last if running > 0 else None
+
+
+def saturated(waiting: int, recent_itl_s: float | None, config: PolicyConfig) -> bool:
+    """Free KV is not usable headroom when the engine cannot admit now (a waiting queue: its
+    scheduler is out of sequences or token budget) or decodes slower than the pace limit (another
+    request would push its running requests over the TPOT target)."""
+    if waiting > 0:
+        return True
+    limit = config.itl_limit_s
+    return limit is not None and recent_itl_s is not None and recent_itl_s > limit
+
+
 def spare_headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
-    """Headroom a peer region may spill into: none while the engine has a waiting queue (it admits
-    nothing now, whatever its free KV; see HeadroomPolicy)."""
-    return 0.0 if engine.waiting > 0 else headroom(engine, now, config)
+    """Headroom a peer region may spill into: none while the engine is saturated (`saturated`),
+    whatever its free KV; see HeadroomPolicy."""
+    return 0.0 if saturated(engine.waiting, engine.recent_itl_s, config) else headroom(engine, now, config)
 
 
 def region_allowed(region: RegionView, request: RoutedRequest) -> bool:
@@ -214,7 +253,7 @@ class HeadroomPolicy:
         config = self.config
         closed_regions = {k for k, r in allowed.items() if r.remote and not request.allow_remote}
         by_region: dict[str, list[tuple[float, str]]] = {}
-        queued: dict[str, list[tuple[float, str]]] = {}  # fits, but has a waiting queue (saturated)
+        queued: dict[str, list[tuple[float, str]]] = {}  # fits, but saturated (queue or slow pace)
         totals: dict[str, float] = {}
         for e in engines:
             key = e.region
@@ -223,10 +262,10 @@ class HeadroomPolicy:
             room = headroom(e, now, config)
             totals[key] = totals.get(key, 0.0) + room
             if room >= need:
-                # An engine with a waiting queue cannot admit even what its free KV would hold (its
-                # scheduler is out of sequences or of token budget): it fits only as a last resort,
-                # after every engine and peer region with room to admit the request now.
-                group = queued if e.waiting > 0 else by_region
+                # A saturated engine (a waiting queue, or decoding slower than the pace limit) cannot
+                # use what its free KV would hold: it fits only as a last resort, after every engine
+                # and peer region with room to take the request now.
+                group = queued if saturated(e.waiting, e.recent_itl_s, config) else by_region
                 fits = group.get(key)
                 if fits is None:
                     group[key] = [(room, e.id)]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
+from gpufleet.serving.router.policy import recent_pace
 
 # Current name first; the previous one is a fallback for older engines.
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
@@ -27,8 +28,13 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 PREEMPTIONS = "vllm:num_preemptions_total"
 CACHE_CONFIG = "vllm:cache_config_info"
+# The inter-token latency histogram's _sum and _count: the engine's recent decode pace.
+ITL_SUM = ("vllm:inter_token_latency_seconds_sum", "vllm:time_per_output_token_seconds_sum")
+ITL_COUNT = ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count")
 
-_WANTED = frozenset((*KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, RUNNING, WAITING, PREEMPTIONS, CACHE_CONFIG))
+_WANTED = frozenset(
+    (*KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, *ITL_SUM, *ITL_COUNT, RUNNING, WAITING, PREEMPTIONS, CACHE_CONFIG)
+)
 MAX_METRICS_BYTES = 4 * 1024 * 1024
 
 
@@ -51,6 +57,8 @@ class Sample:
     prefix_hits_total: float
     models: frozenset[str]
     taken_at: float  # monotonic seconds
+    itl_seconds_total: float = 0.0  # inter-token latency histogram _sum (engine seconds)
+    itl_tokens_total: float = 0.0  # and its _count (tokens)
 
     @property
     def capacity_tokens(self) -> int:
@@ -142,7 +150,7 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
     free = used = 0.0
     blocks = 0
     block_size = 0
-    totals = dict.fromkeys(("running", "waiting", "pre", "pq", "ph"), 0.0)
+    totals = dict.fromkeys(("running", "waiting", "pre", "pq", "ph", "itl_s", "itl_n"), 0.0)
     for core, (n_blocks, bsize) in config.items():
         series = cores.get(core, {})
         usage = _first(series, KV_USAGE)
@@ -159,6 +167,8 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
         totals["pre"] += series.get(PREEMPTIONS, 0.0)
         totals["pq"] += _first(series, PREFIX_QUERIES) or 0.0
         totals["ph"] += _first(series, PREFIX_HITS) or 0.0
+        totals["itl_s"] += _first(series, ITL_SUM) or 0.0
+        totals["itl_n"] += _first(series, ITL_COUNT) or 0.0
     capacity = free + used
     return Sample(
         kv_usage=used / capacity if capacity else 1.0,
@@ -172,6 +182,8 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
         prefix_hits_total=totals["ph"],
         models=frozenset(models),
         taken_at=taken_at,
+        itl_seconds_total=totals["itl_s"],
+        itl_tokens_total=totals["itl_n"],
     )
 
 
@@ -194,10 +206,20 @@ class EngineState:
     last_scrape_at: float | None = None
     scrape_seconds: float = 0.0  # wall time of the last scrape (fetch + parse)
     failures: int = 0
+    recent_itl_s: float | None = None  # decode pace between the last two samples (policy.recent_pace)
 
     def record(self, sample: Sample) -> None:
-        self.previous, self.sample = self.sample, sample
+        prev = self.sample
+        self.previous, self.sample = prev, sample
         self.healthy, self.error, self.failures = True, None, 0
+        self.recent_itl_s = (
+            None
+            if prev is None
+            else recent_pace(
+                prev.itl_seconds_total, prev.itl_tokens_total, sample.itl_seconds_total,
+                sample.itl_tokens_total, sample.running, self.recent_itl_s,
+            )  # fmt: skip
+        )
 
     def fail(self, error: str) -> None:
         self.healthy, self.error = False, error

@@ -40,6 +40,8 @@ from gpufleet.serving.router.policy import (
     RegionView,
     RoutedRequest,
     make_policy,
+    recent_pace,
+    saturated,
 )
 from gpufleet.serving.sim import network
 
@@ -122,7 +124,7 @@ class _CountingEngine(Engine):
 
 
 class _SimEngine:
-    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "room")
+    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "room", "itl")
 
     def __init__(self, eid: str, region: str, v: VirtualEngine) -> None:
         self.id = eid
@@ -133,6 +135,7 @@ class _SimEngine:
         self.sampled_at: float | None = None
         self.stamp: tuple[int, int] | None = None  # engine state the cached stats were read at
         self.room = 0.0
+        self.itl: float | None = None  # decode pace between the last two samples (policy.recent_pace)
 
     @property
     def engine(self) -> _CountingEngine:
@@ -213,7 +216,7 @@ class Simulator:
         self.retry_budget = s.retry_budget
         self.ttft_slo = fleet.slo.ttft_ms / 1000.0
         self.tpot_slo = fleet.slo.tpot_ms / 1000.0
-        self.policy_cfg = PolicyConfig(stale_after_s=s.stale_after_s, peer_stale_after_s=2 * s.stale_after_s)
+        self.policy_cfg = PolicyConfig.from_settings(s, self.tpot_slo)
         keys = {r.key for r in fleet.regions}
         unknown = [k for k in (self.cfg.regions or ()) if k not in keys]
         if unknown:
@@ -399,6 +402,7 @@ class Simulator:
                     sampled_at=e.sampled_at,
                     healthy=healthy,
                     # waiting_tokens stays None: /metrics has only the count, so the router estimates
+                    recent_itl_s=e.itl,
                     pending_tokens=pending(e.id),
                     outstanding=router.outstanding.get(e.id, 0),
                 )
@@ -635,11 +639,18 @@ class Simulator:
                 eng = e.engine
                 stamp = (eng.num_steps, len(eng.requests))
                 if stamp != e.stamp or e.stats is None:
+                    prev = e.stats
                     st = e.stats = eng.stats()
                     e.stamp = stamp
-                    # the summary's headroom before accounting (policy.spare_headroom): free minus
-                    # the waiting estimate, and none at all while the engine has a waiting queue
-                    e.room = 0.0 if st.num_waiting else st.free_tokens
+                    e.itl = None if prev is None else recent_pace(
+                        prev.itl_seconds_total, prev.itl_tokens_total, st.itl_seconds_total,
+                        st.itl_tokens_total, st.num_running, e.itl,
+                    )  # fmt: skip
+                    # the summary's headroom before accounting (policy.spare_headroom): none at all
+                    # while the engine is saturated
+                    e.room = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
+                elif not e.engine.running:
+                    e.itl = None  # idle since the last sample
                 e.sampled_at = now
                 healthy += 1
                 if eng.requests:

@@ -16,10 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TRACES = ROOT.parent / "shared" / "traces"
 REGIONS = ("aws-us-west-2", "gcp-us-central1", "azure-eastus")
-PLAN = {  # trace -> (slice seconds of the trace, load levels)
-    "AzureLLMInferenceTrace_conv.csv": (600, (1, 2, 2.25, 2.5, 2.75, 3)),
-    "AzureLLMInferenceTrace_code.csv": (600, (0.5, 1, 2)),
-    "mooncake_synthetic_trace.jsonl.gz": (300, (0.1, 0.2, 0.4)),
+PLAN = {  # trace -> (slice seconds of the trace, load levels: fine enough to bracket 90% SLO)
+    "AzureLLMInferenceTrace_conv.csv": (600, (1, 1.5, 2, 2.25, 2.5, 2.75, 3, 3.25)),
+    "AzureLLMInferenceTrace_code.csv": (600, (0.25, 0.5, 0.75, 1, 1.5, 2)),
+    "mooncake_synthetic_trace.jsonl.gz": (300, (0.05, 0.1, 0.2, 0.4)),
 }
 
 

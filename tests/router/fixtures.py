@@ -29,6 +29,12 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="llama-
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="llama-3.1-8b"} 12.0
 vllm:time_to_first_token_seconds_count{engine="0",model_name="llama-3.1-8b"} 12.0
 vllm:time_to_first_token_seconds_sum{engine="0",model_name="llama-3.1-8b"} 1.5
+# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="llama-3.1-8b"} 20.0
+vllm:inter_token_latency_seconds_bucket{engine="0",le="+Inf",model_name="llama-3.1-8b"} 100.0
+vllm:inter_token_latency_seconds_count{engine="0",model_name="llama-3.1-8b"} 100.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="llama-3.1-8b"} 4.0
 # HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
 # TYPE vllm:cache_config_info gauge
 """
@@ -40,8 +46,10 @@ CURRENT += (  # one line in the exposition; the label set is vLLM 0.10's (extras
 )
 
 # An engine of an older release (0.9): the previous names of the renamed series.
-PREVIOUS = CURRENT.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc").replace(
-    "vllm:prefix_cache_", "vllm:gpu_prefix_cache_"
+PREVIOUS = (
+    CURRENT.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    .replace("vllm:prefix_cache_", "vllm:gpu_prefix_cache_")
+    .replace("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
 )
 
 # Two engine cores under data parallelism, each with its own cache.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from gpufleet.serving.router.policy import (
     BreakerState,
     EngineView,
@@ -16,8 +17,10 @@ from gpufleet.serving.router.policy import (
     RoutedRequest,
     headroom,
     make_policy,
+    recent_pace,
     spare_headroom,
 )
+from gpufleet.stacks.spec import RouterSettings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -169,6 +172,30 @@ def test_an_engine_with_a_waiting_queue_fits_only_as_a_last_resort():
     # What a region publishes for its peers: no room on an engine with a queue.
     assert spare_headroom(busy, NOW, CFG) == 0
     assert spare_headroom(idle, NOW, CFG) == headroom(idle, NOW, CFG) == 5_000
+
+
+def test_an_engine_decoding_slower_than_the_pace_limit_fits_only_as_a_last_resort():
+    """Free KV with running requests already near the TPOT target is not headroom: one more request
+    slows every one of them. The pace limit comes from the fleet's SLO and router settings."""
+    cfg = PolicyConfig.from_settings(RouterSettings(pace_fraction=0.6), tpot_slo_s=0.1)
+    assert cfg.itl_limit_s == pytest.approx(0.06)
+    assert cfg.stale_after_s == RouterSettings().stale_after_s
+    p = HeadroomPolicy(cfg)
+    slow = eng("l1", "local", 90_000, recent_itl_s=0.07)
+    fast = eng("l2", "local", 5_000, recent_itl_s=0.03)
+    idle = eng("l3", "local", 4_000)  # no pace measured: idle, not slow
+    assert ids(p.choose(RoutedRequest(1_000), [slow, fast, idle], REGIONS[:1], NOW)) == ["l2", "l3", "l1"]
+    assert ids(p.choose(RoutedRequest(1_000), [slow], REGIONS[:1], NOW)) == ["l1"]  # still served
+    assert spare_headroom(slow, NOW, cfg) == 0 and spare_headroom(fast, NOW, cfg) == 5_000
+    # Without a limit (PolicyConfig's default) the pace is ignored: most headroom first.
+    assert ids(HeadroomPolicy(CFG).choose(RoutedRequest(1_000), [slow, fast], REGIONS[:1], NOW)) == ["l1", "l2"]
+
+
+def test_recent_pace_is_the_window_mean():
+    assert recent_pace(4.0, 100, 6.4, 130, running=3, last=None) == pytest.approx(0.08)
+    assert recent_pace(6.4, 130, 6.4, 130, running=3, last=0.08) == 0.08  # no token, still running
+    assert recent_pace(6.4, 130, 6.4, 130, running=0, last=0.08) is None  # idle
+    assert recent_pace(6.4, 130, 0.1, 5, running=3, last=0.08) is None  # counters reset
 
 
 def test_round_robin_rotates_and_least_outstanding_balances():

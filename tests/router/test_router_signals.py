@@ -21,11 +21,14 @@ def test_current_names():
     assert (s.prefix_queries_total, s.prefix_hits_total) == (1000, 400)
     assert s.models == {"llama-3.1-8b"}
     assert s.taken_at == 10.0
+    assert (s.itl_seconds_total, s.itl_tokens_total) == (4.0, 100.0)  # _sum and _count, not buckets
 
 
 def test_previous_names_read_as_fallback():
     old, new = parse_metrics(PREVIOUS, 0.0), parse_metrics(CURRENT, 0.0)
+    assert "inter_token" not in PREVIOUS and "kv_cache_usage_perc" not in PREVIOUS
     assert (old.free_tokens, old.prefix_hits_total) == (new.free_tokens, new.prefix_hits_total)
+    assert (old.itl_seconds_total, old.itl_tokens_total) == (4.0, 100.0)
 
 
 def test_current_name_wins_when_both_present():
@@ -99,3 +102,32 @@ def test_rates_between_samples():
     assert hit == pytest.approx(0.0)
     state.fail("boom")
     assert not state.healthy and state.sample is not None
+
+
+def _itl(text: str, seconds: float, tokens: float, running: int = 7) -> str:
+    text = text.replace("inter_token_latency_seconds_sum{engine=\"0\",model_name=\"llama-3.1-8b\"} 4.0",
+                        f"inter_token_latency_seconds_sum{{engine=\"0\",model_name=\"llama-3.1-8b\"}} {seconds}")
+    text = text.replace("inter_token_latency_seconds_count{engine=\"0\",model_name=\"llama-3.1-8b\"} 100.0",
+                        f"inter_token_latency_seconds_count{{engine=\"0\",model_name=\"llama-3.1-8b\"}} {tokens}")
+    return text.replace("num_requests_running{engine=\"0\",model_name=\"llama-3.1-8b\"} 7.0",
+                        f"num_requests_running{{engine=\"0\",model_name=\"llama-3.1-8b\"}} {running}")
+
+
+def test_recent_decode_pace_between_samples():
+    """The pace is the histogram's mean over the window between two scrapes, not since start."""
+    state = EngineState("http://e")
+    state.record(parse_metrics(CURRENT, 0.0))
+    assert state.recent_itl_s is None  # one sample: no window yet
+    state.record(parse_metrics(_itl(CURRENT, 4.0 + 2.4, 100 + 30), 1.0))
+    assert state.recent_itl_s == pytest.approx(0.08)  # 2.4 s over 30 tokens; the lifetime mean is 0.049
+    # No token since, requests still running (a long step, or a stall): the last pace stands.
+    state.record(parse_metrics(_itl(CURRENT, 6.4, 130), 2.0))
+    assert state.recent_itl_s == pytest.approx(0.08)
+    # Idle: no pace at all.
+    state.record(parse_metrics(_itl(CURRENT, 6.4, 130, running=0), 3.0))
+    assert state.recent_itl_s is None
+    # The engine restarted (counters went back): no pace until the next window.
+    state.record(parse_metrics(_itl(CURRENT, 0.5, 10), 4.0))
+    assert state.recent_itl_s is None
+    state.record(parse_metrics(_itl(CURRENT, 0.7, 20), 5.0))
+    assert state.recent_itl_s == pytest.approx(0.02)
