@@ -31,3 +31,19 @@ def test_goodput_agrees(policy, slice_items, example_fleet, tmp_path):
     assert sim.requests == http.requests == len(slice_items)
     assert 0.3 < sim.slo_attainment < 0.95, "the slice should load the fleet past its SLO"
     assert http.goodput_rps == pytest.approx(sim.goodput_rps, rel=0.10), (sim, http)
+
+
+def test_the_peer_router_serves_the_same_slice(slice_items, example_fleet, tmp_path):
+    """`gpufleet bench`'s side-by-side: the same engines behind vllm-router (its power_of_two
+    policy), every request of the slice answered through it."""
+    from gpufleet.serving.bench import peer_router_available
+    from gpufleet.serving.outcomes import OK
+
+    if not peer_router_available():
+        pytest.skip("vllm-router is not installed (the dev extra installs it)")
+    items = [i for i in slice_items if i.at_s < 20]
+    setup = Setup(example_fleet, REGIONS, engines_per_region=1, num_gpu_blocks=BLOCKS)
+    run = http_run(setup, items, "vllm-router:power_of_two", "conv", 1.0, time_scale=2.0, workdir=tmp_path)
+    assert run.summary.requests == len(items)
+    assert all(r.outcome == OK for r in run.records), [r.error for r in run.records if r.outcome != OK][:3]
+    assert run.summary.output_tokens == sum(i.max_tokens for i in items)
