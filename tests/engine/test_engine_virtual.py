@@ -22,6 +22,22 @@ def _requests(n: int):
     ]
 
 
+def _both_drivers(cfg: EngineConfig, n: int = 6):
+    """The same requests through the model stepped by hand and through the virtual loop (windows)."""
+    by_hand = Engine(cfg)
+    ref = _requests(n)
+    for r in ref:
+        by_hand.add_request(r, 0.0)
+    run_to_end(by_hand)
+    loop = VirtualLoop()
+    ve = VirtualEngine(loop, cfg, max_window_steps=128)
+    mine = _requests(n)
+    for r in mine:
+        loop.submit(ve, r)
+    loop.run()
+    return by_hand, ref, ve, mine
+
+
 def test_loop_runs_events_in_time_order():
     loop = VirtualLoop()
     seen = []
@@ -37,17 +53,7 @@ def test_loop_runs_events_in_time_order():
 def test_virtual_engine_matches_stepping_the_model_by_hand():
     """Same model, two drivers: the virtual loop with windows gives the step-by-step times."""
     cfg = EngineConfig(num_gpu_blocks=60, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=1024)
-    by_hand = Engine(cfg)
-    ref = _requests(6)
-    for r in ref:
-        by_hand.add_request(r, 0.0)
-    run_to_end(by_hand)
-    loop = VirtualLoop()
-    ve = VirtualEngine(loop, cfg, max_window_steps=128)
-    mine = _requests(6)
-    for r in mine:
-        loop.submit(ve, r)
-    loop.run()
+    _, ref, ve, mine = _both_drivers(cfg)
     leak_check(ve.engine)
     for a, b in zip(ref, mine, strict=True):
         assert b.finish_time == pytest.approx(a.finish_time, abs=1e-9)
@@ -59,20 +65,11 @@ def test_inter_token_latency_counters_are_what_vllms_histogram_adds_up():
     (every gap after the first token, preemption stalls included) and _count the tokens after the
     first; the same whether the engine is stepped by hand or in windows."""
     cfg = EngineConfig(num_gpu_blocks=20, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=1024)
-    by_hand = Engine(cfg)
-    ref = _requests(6)
-    for r in ref:
-        by_hand.add_request(r, 0.0)
-    run_to_end(by_hand)
+    by_hand, ref, ve, _ = _both_drivers(cfg)
     assert by_hand.num_preemptions > 0  # the small cache makes stalls part of the sum
     st = by_hand.stats()
     assert st.itl_tokens_total == sum(r.num_output_tokens - 1 for r in ref)
     assert st.itl_seconds_total == pytest.approx(sum(r.last_token_time - r.first_token_time for r in ref))
-    loop = VirtualLoop()
-    ve = VirtualEngine(loop, cfg, max_window_steps=128)
-    for r in _requests(6):
-        loop.submit(ve, r)
-    loop.run()
     assert ve.engine.stats().itl_tokens_total == st.itl_tokens_total
     assert ve.engine.stats().itl_seconds_total == pytest.approx(st.itl_seconds_total, abs=1e-9)
 
