@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
         load: list[float] = typer.Option(
             [1.0, 2.0, 4.0], "--load-scale", "-x", help="x the trace rate (repeat)"
         ),
-        duration: float = typer.Option(120.0, "--duration", help="model seconds of trace per run"),
+        duration: float = typer.Option(
+            120.0, "--duration", help="seconds of the trace replayed, the same slice at every load"
+        ),
         time_scale: float = typer.Option(2.0, "--time-scale", help="engine seconds per wall second"),
         region: list[str] = typer.Option([], "--region", help="regions (default: the demo's three)"),
         engines: int = typer.Option(1, "--engines-per-region", min=1, max=8),
@@ -58,7 +60,8 @@ def register(app: typer.Typer) -> None:
         notes = [
             f"fleet {fleet}: regions {', '.join(regions)}, {engines} engine(s) each"
             + (f", {blocks} KV blocks per engine" if blocks else ""),
-            f"trace {trace.name}, {duration:g} s slices, HTTP time scale x{time_scale:g}",
+            f"trace {trace.name}: its first {duration:g} s at every load (x the rate: {duration:g} / x model "
+            f"seconds), HTTP time scale x{time_scale:g}",
         ]
         if peer and http:
             if peer_router_available():
@@ -69,7 +72,9 @@ def register(app: typer.Typer) -> None:
         try:
             with tempfile.TemporaryDirectory(prefix="gpufleet-bench-") as work:
                 for x in load:
-                    items = loadgen.from_trace(trace, load_scale=x, duration_s=duration * x)
+                    # the same requests at every load, arriving x times as fast
+                    items = loadgen.from_trace(trace, load_scale=x, duration_s=duration)
+                    span = duration / x  # model seconds
                     if blocks:
                         items = loadgen.clip(items, blocks * 16 // 2)
                     items = loadgen.assign_clients(items, list(regions))
@@ -81,8 +86,8 @@ def register(app: typer.Typer) -> None:
                             engines,
                             blocks,
                             fail_region if fail_it else None,
-                            duration / 3 if fail_it else None,
-                            duration / 3 if fail_it else None,
+                            span / 3 if fail_it else None,
+                            span / 3 if fail_it else None,
                         )
                         for p in policies:
                             if sim and not p.startswith("vllm-router"):
