@@ -300,6 +300,7 @@ class Router:
                     # The peer spreads what we sent over its engines; its largest one keeps its room
                     # until the region as a whole runs short.
                     largest_free_tokens=min(float(data.get("largest_free_tokens", 0.0)), free),
+                    largest_fit_tokens=float(data.get("largest_fit_tokens", 0.0)) - sent,
                     healthy_engines=int(data.get("healthy_engines", 0)),
                     queue=int(data.get("queue", 0)),
                     summarized_at=None if age is None else received - float(age),
@@ -315,6 +316,8 @@ class Router:
         drained = self.region in self.drained_regions
         # Peers spill here only into engines that admit now (no waiting queue).
         rooms = [0.0 if drained or v.drained else spare_headroom(v, now, self.policy_config) for v in views]
+        # ... and, as a last resort, into any healthy engine (saturated ones too).
+        fits = [0.0 if drained or v.drained else headroom(v, now, self.policy_config) for v in views]
         ages = [v.age(now) for v in views if v.sampled_at is not None]
         return {
             "region": self.region,
@@ -324,6 +327,7 @@ class Router:
             "drained": drained,
             "free_tokens": sum(rooms),
             "largest_free_tokens": max(rooms, default=0.0),
+            "largest_fit_tokens": max(fits, default=0.0),
             "queue": self.queued,
             "running": sum(v.running for v in views),
             "waiting": sum(v.waiting for v in views),

@@ -68,7 +68,8 @@ class RegionView:
     # Peer summary (ignored when the region's engines are passed to the policy directly).
     remote: bool = False
     free_tokens: float = 0.0
-    largest_free_tokens: float = 0.0
+    largest_free_tokens: float = 0.0  # on engines that take requests now (not saturated)
+    largest_fit_tokens: float = 0.0  # on any healthy engine, saturated ones too (a last resort)
     healthy_engines: int = 0
     queue: int = 0
     summarized_at: float | None = None
@@ -219,15 +220,26 @@ def _peer_candidates(
     """Remote regions (summaries only) where the request fits on the largest engine."""
     if not request.allow_remote:
         return []
-    out = []
-    for region in allowed.values():
-        if not region.remote or region.key in seen or region.summarized_at is None:
-            continue
-        if now - region.summarized_at > config.peer_stale_after_s or region.healthy_engines == 0:
-            continue
-        if region.largest_free_tokens >= request.need_tokens:
-            out.append((region, region.free_tokens))
-    return out
+    return [
+        (region, region.free_tokens)
+        for region in _fresh_peers(allowed, seen, now, config)
+        if region.largest_free_tokens >= request.need_tokens
+    ]
+
+
+def _fresh_peers(
+    allowed: dict[str, RegionView], seen: set[str], now: float, config: PolicyConfig
+) -> list[RegionView]:
+    """Remote regions with a recent summary and a healthy engine."""
+    return [
+        r
+        for r in allowed.values()
+        if r.remote
+        and r.key not in seen
+        and r.summarized_at is not None
+        and now - r.summarized_at <= config.peer_stale_after_s
+        and r.healthy_engines > 0
+    ]
 
 
 # ---- the policies ------------------------------------------------------------------------------------
@@ -277,9 +289,20 @@ class HeadroomPolicy:
                 region = allowed[key]
                 order = (last, not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
                 ranked.append((order, [Candidate(key, eid, room) for room, eid in _by_room(fits, request)]))
-        for region, free in _peer_candidates(request, allowed, set(totals), now, self.config):
+        peers = _peer_candidates(request, allowed, set(totals), now, config)
+        for region, free in peers:
             order = (False, not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
             ranked.append((order, [Candidate(region.key, None, region.largest_free_tokens)]))
+        if request.allow_remote:
+            # A peer whose engines are all saturated still serves as a last resort (its router ranks
+            # its own saturated engines last, never refuses for it), e.g. to continue a stream when
+            # this region's engines died: like a saturated local engine, after everything else.
+            taken = set(totals) | {r.key for r, _ in peers}
+            for region in _fresh_peers(allowed, taken, now, config):
+                if region.largest_fit_tokens >= need:
+                    order = (True, not region.local, TIER_RANK.get(region.tier, 9), -region.largest_fit_tokens,
+                             region.key)  # fmt: skip
+                    ranked.append((order, [Candidate(region.key, None, region.largest_fit_tokens)]))
         ranked.sort(key=lambda t: t[0])
         return [c for _, group in ranked for c in group]
 

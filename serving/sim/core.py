@@ -433,6 +433,7 @@ class Simulator:
                     remote=True,
                     free_tokens=free,
                     largest_free_tokens=min(s["largest"], free),
+                    largest_fit_tokens=s["fit"] - router.ledger.pending(key),
                     healthy_engines=s["healthy"],
                     queue=len(other.queue),
                     summarized_at=other.summary_at,
@@ -627,7 +628,7 @@ class Simulator:
         self._rv_cache.clear()
         for router in self.routers.values():
             ledger = router.ledger
-            free = largest = 0.0
+            free = largest = fit_largest = 0.0
             healthy = 0
             for e in router.engines:
                 if not e.alive:
@@ -646,11 +647,12 @@ class Simulator:
                         prev.itl_seconds_total, prev.itl_tokens_total, st.itl_seconds_total,
                         st.itl_tokens_total, st.num_running, e.itl,
                     )  # fmt: skip
-                    # the summary's headroom before accounting (policy.spare_headroom): none at all
-                    # while the engine is saturated
-                    e.room = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
                 elif not e.engine.running:
                     e.itl = None  # idle since the last sample
+                st = e.stats
+                # the summary's headroom before accounting (policy.spare_headroom): none at all while
+                # the engine is saturated; what fits as a last resort regardless
+                e.room = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
                 e.sampled_at = now
                 healthy += 1
                 if eng.requests:
@@ -659,14 +661,18 @@ class Simulator:
                     for req in eng.requests.values():
                         if req.num_output_tokens and req.user_data[1] == router.key:
                             ledger.progress(req.user_data[0], req.prompt_len + req.num_output_tokens)
-                room = e.room - ledger.pending(e.id)
+                pending = ledger.pending(e.id)
+                room = e.room - pending
+                fit = e.stats.free_tokens - pending
+                if fit > fit_largest:
+                    fit_largest = fit
                 if room > 0:
                     free += room
                     if room > largest:
                         largest = room
             if router.down:
                 router.down = {eid for eid in router.down if not router.by_id[eid].alive}
-            router.summary = {"free": free, "largest": largest, "healthy": healthy}
+            router.summary = {"free": free, "largest": largest, "fit": fit_largest, "healthy": healthy}
             router.summary_at = now
         for router in self.routers.values():
             for key in self.routers:

@@ -159,7 +159,8 @@ async def rps(session, url: str, seconds: float, concurrency: int = 64) -> float
 
 
 def decision_time(engines: int = 1000, requests: int = 2000) -> tuple[float, float]:
-    from gpufleet.serving.router.policy import EngineView, HeadroomPolicy, RegionView, RoutedRequest
+    from gpufleet.serving.router.policy import EngineView, HeadroomPolicy, PolicyConfig, RegionView, RoutedRequest
+    from gpufleet.stacks.spec import RouterSettings
 
     rng = random.Random(1)
     regions = [
@@ -173,10 +174,11 @@ def decision_time(engines: int = 1000, requests: int = 2000) -> tuple[float, flo
             free_tokens=rng.uniform(0, 200_000),
             sampled_at=99.5,
             waiting=rng.randint(0, 4),
+            recent_itl_s=rng.uniform(0.01, 0.12),  # some over the pace limit (0.8 x 100 ms)
         )
         for i in range(engines)
     ]
-    policy = HeadroomPolicy()
+    policy = HeadroomPolicy(PolicyConfig.from_settings(RouterSettings(), tpot_slo_s=0.1))
     times = []
     for _ in range(requests):
         t = time.perf_counter()

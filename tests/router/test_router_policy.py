@@ -191,6 +191,23 @@ def test_an_engine_decoding_slower_than_the_pace_limit_fits_only_as_a_last_resor
     assert ids(HeadroomPolicy(CFG).choose(RoutedRequest(1_000), [slow, fast], REGIONS[:1], NOW)) == ["l1", "l2"]
 
 
+def test_a_peer_with_only_saturated_engines_is_a_last_resort():
+    """A peer publishes no spare room while its engines are saturated, but what would fit there
+    still counts when nothing here can take the request (this region's engines died mid-stream)."""
+    p = HeadroomPolicy(CFG)
+    busy_peer = reg("peer", remote=True, largest_fit_tokens=9_000, healthy_engines=1, summarized_at=NOW - 1)
+    open_peer = replace(busy_peer, key="open", free_tokens=3_000, largest_free_tokens=3_000, largest_fit_tokens=3_000)
+    local_busy = eng("l1", "local", 50_000, waiting=1)
+    regions = [REGIONS[0], busy_peer, open_peer]
+    assert ids(p.choose(RoutedRequest(1_000), [local_busy], regions, NOW)) == ["open", "l1", "peer"]
+    assert ids(p.choose(RoutedRequest(1_000), [], regions, NOW)) == ["open", "peer"]
+    assert ids(p.choose(RoutedRequest(5_000), [], regions, NOW)) == ["peer"]
+    assert p.choose(RoutedRequest(10_000), [], regions, NOW) == []  # fits nowhere
+    assert p.choose(RoutedRequest(1_000, allow_remote=False), [], regions, NOW) == []  # one hop only
+    stale = replace(busy_peer, summarized_at=NOW - 60)
+    assert p.choose(RoutedRequest(5_000), [], [REGIONS[0], stale], NOW) == []
+
+
 def test_recent_pace_is_the_window_mean():
     assert recent_pace(4.0, 100, 6.4, 130, running=3, last=None) == pytest.approx(0.08)
     assert recent_pace(6.4, 130, 6.4, 130, running=3, last=0.08) == 0.08  # no token, still running
