@@ -124,7 +124,7 @@ class _CountingEngine(Engine):
 
 
 class _SimEngine:
-    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "room", "itl")
+    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "itl")
 
     def __init__(self, eid: str, region: str, v: VirtualEngine) -> None:
         self.id = eid
@@ -134,7 +134,6 @@ class _SimEngine:
         self.stats = None
         self.sampled_at: float | None = None
         self.stamp: tuple[int, int] | None = None  # engine state the cached stats were read at
-        self.room = 0.0
         self.itl: float | None = None  # decode pace between the last two samples (policy.recent_pace)
 
     @property
@@ -652,7 +651,7 @@ class Simulator:
                 st = e.stats
                 # the summary's headroom before accounting (policy.spare_headroom): none at all while
                 # the engine is saturated; what fits as a last resort regardless
-                e.room = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
+                spare = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
                 e.sampled_at = now
                 healthy += 1
                 if eng.requests:
@@ -662,7 +661,7 @@ class Simulator:
                         if req.num_output_tokens and req.user_data[1] == router.key:
                             ledger.progress(req.user_data[0], req.prompt_len + req.num_output_tokens)
                 pending = ledger.pending(e.id)
-                room = e.room - pending
+                room = spare - pending
                 fit = e.stats.free_tokens - pending
                 if fit > fit_largest:
                     fit_largest = fit
