@@ -126,15 +126,19 @@ def linear_stack(torch) -> list[dict]:
 
 
 def model_terms(gpu_key: str, tokens: int) -> dict:
-    """The engine model's weight-streaming and matmul terms for one step of `tokens` tokens."""
-    from gpufleet.serving.engine.model import EngineConfig, resolve
+    """The engine model's weight-streaming and matmul terms for one step of `tokens` tokens: its own
+    StepPlan with no overhead and no attention (what this microbenchmark runs)."""
+    from gpufleet.serving.engine.model import EngineConfig, StepPlan, resolve
 
     cfg = resolve(EngineConfig(model="llama-3.1-8b", gpu=gpu_key))
     c = cfg.cost
-    mem = cfg.weight_bytes / (cfg.hbm_bytes_s * c.mem_efficiency)
-    comp = tokens * cfg.flops_per_token / (cfg.flops_s * c.compute_efficiency)
-    both = max(mem, comp) if c.overlap >= 1 else mem + comp - c.overlap * min(mem, comp)
-    return {"model_ms": round(1e3 * both, 3), "model_overhead_ms": round(1e3 * c.overhead_s, 3)}
+    plan = StepPlan(
+        start=0.0, scheduled=[], steps=1, base=0.0,
+        a=cfg.weight_bytes / (cfg.hbm_bytes_s * c.mem_efficiency), b=0.0,
+        c=tokens * cfg.flops_per_token / (cfg.flops_s * c.compute_efficiency), d=0.0,
+        overlap=c.overlap,
+    )  # fmt: skip
+    return {"model_ms": round(1e3 * plan.step_time(0), 3), "model_overhead_ms": round(1e3 * c.overhead_s, 3)}
 
 
 def catalog_key(name: str) -> str | None:
