@@ -314,7 +314,7 @@ class Router:
     def local_summary(self, now: float) -> dict[str, Any]:
         views = self.engine_views(now)
         drained = self.region in self.drained_regions
-        # Peers spill here only into engines that admit now (no waiting queue).
+        # Peers spill here only into engines that take requests now (not saturated: policy.saturated).
         rooms = [0.0 if drained or v.drained else spare_headroom(v, now, self.policy_config) for v in views]
         # ... and, as a last resort, into any healthy engine (saturated ones too).
         fits = [0.0 if drained or v.drained else headroom(v, now, self.policy_config) for v in views]
