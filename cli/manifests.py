@@ -17,8 +17,10 @@ SECRET_HINT = """\
 # Before `kubectl apply -f` this file, create the router's admin token (never stored in a manifest):
 #   kubectl create namespace {ns} --dry-run=client -o yaml | kubectl apply -f -
 #   kubectl -n {ns} create secret generic {secret} --from-literal={key}="$(openssl rand -hex 32)"
-# Gated models (Llama) also need a Hugging Face token:
+# Gated models (Llama) also need a Hugging Face token (the engines wait for this Secret):
 #   kubectl -n {ns} create secret generic {hf} --from-literal=token="$HF_TOKEN"
+# The KEDA ScaledObject and the cert-manager objects at the end need KEDA and cert-manager installed
+# (the add-ons stacks install them; see docs/stacks.md).
 """
 
 
@@ -28,7 +30,7 @@ def render_region(fleet, region, image: str) -> str:
     from gpufleet.modules import k8s_objects as k8s
 
     header = SECRET_HINT.format(
-        ns=k8s.NAMESPACE, secret=k8s.ADMIN_SECRET, key=k8s.ADMIN_SECRET_KEY, hf=k8s.HF_SECRET
+        ns=k8s.NAMESPACE, secret=k8s.ADMIN_SECRET, key=k8s.ADMIN_SECRET_KEY, hf=fleet.serving.hf_secret_name
     )
     header = f"# gpufleet {fleet.fleet}: serving objects for region {region.key}\n" + header
     docs = k8s.region_objects(fleet, region, image)
@@ -44,11 +46,11 @@ def register(app: typer.Typer) -> None:
             None, "--out", help="write <region>.yaml files into this folder; default: print to stdout"
         ),
         image: str | None = typer.Option(
-            None, "--image", help="serving image (built from serving/Dockerfile)"
+            None, "--image", help="serving image (built from serving/Dockerfile); overrides serving.image"
         ),
     ) -> None:
         """Write the Kubernetes objects of the serving stacks as YAML (kubectl apply -f)."""
-        from gpufleet.modules.k8s_objects import DEFAULT_IMAGE
+        from gpufleet.modules.k8s_objects import ImageError, serving_image
 
         fleet = load_fleet_or_exit(fleet_file)
         if region is not None:
@@ -58,7 +60,11 @@ def register(app: typer.Typer) -> None:
                 fail(str(exc.args[0]), EXIT_BAD_INPUT)
         else:
             regions = list(fleet.regions)
-        texts = {r.key: render_region(fleet, r, image or DEFAULT_IMAGE) for r in regions}
+        try:
+            ref = serving_image(fleet, image)
+        except ImageError as exc:
+            fail(f"{fleet_file}: {exc}", EXIT_BAD_INPUT)
+        texts = {r.key: render_region(fleet, r, ref) for r in regions}
         if out is None:
             typer.echo("\n".join(texts.values()), nl=False)
             return

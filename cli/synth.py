@@ -26,6 +26,11 @@ def register(app: typer.Typer) -> None:
             Path("cdktf.out"), "--out", "-o", help="output folder (what `cdktn synth` writes)"
         ),
         as_json: bool = typer.Option(False, "--json", help="print the stacks and resource counts as JSON"),
+        image: str | None = typer.Option(
+            None,
+            "--image",
+            help="serving image the clusters pull (registry path, digest recommended); overrides serving.image",
+        ),
     ) -> None:
         """Synthesize the fleet into Terraform JSON: a cluster stack per region (and the serving stacks)."""
         fleet = load_fleet_or_exit(fleet_file)
@@ -43,7 +48,7 @@ def register(app: typer.Typer) -> None:
         except ImportError as exc:
             need_extra("cdk", exc)
         try:
-            rows = synth_fleet(fleet, out, progress=progress)
+            rows = synth_fleet(fleet, out, image=image, progress=progress)
         except ImportError as exc:  # a provider package missing from the 'cdk' extra
             need_extra("cdk", exc)
         except ValueError as exc:  # a fleet the clouds cannot build, e.g. one AWS zone for EKS

@@ -18,12 +18,22 @@ Choices, and why:
 - Capacity blocks (tier reserved): a launch template with market type `capacity-block` and the
   reservation id, node group capacity type `CAPACITY_BLOCK`, ONE subnet (the block's zone: the
   first zone of the region).
+- EKS Pod Identity: the `eks-pod-identity-agent` managed add-on, so the add-ons stack can give the
+  cluster autoscaler and cert-manager IAM roles through `aws_eks_pod_identity_association`s (no OIDC
+  provider needed). The agent uses the node role, whose AmazonEKSWorkerNodePolicy already allows
+  `eks-auth:AssumeRoleForPodIdentity` (EKS user guide, "Set up the Amazon EKS Pod Identity Agent").
+- Access: authentication mode API; the identity that creates the cluster is its bootstrap admin, and
+  each of `admin_principals` (IAM role ARNs) gets a STANDARD access entry with
+  AmazonEKSClusterAdminPolicy on the whole cluster. Do not list the role that runs Terraform: it has
+  an entry already and EKS answers 409 ResourceInUseException to a second one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
+import re
 
 from cdktn import Fn, TerraformResourceLifecycle
 from cdktn_provider_aws import (
@@ -33,6 +43,9 @@ from cdktn_provider_aws import (
     data_aws_partition,
     default_security_group,
     eip,
+    eks_access_entry,
+    eks_access_policy_association,
+    eks_addon,
     eks_cluster,
     eks_node_group,
     iam_role,
@@ -68,6 +81,12 @@ SYSTEM_INSTANCE_TYPE = "m7i.large"
 NODE_POLICIES = ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryPullOnly")
 CAPACITY_TYPE = {"on-demand": "ON_DEMAND", "spot": "SPOT", "reserved": "CAPACITY_BLOCK"}
 LOG_TYPES = ["api", "audit", "authenticator", "controllerManager", "scheduler"]
+POD_IDENTITY_ADDON = "eks-pod-identity-agent"
+ADMIN_ACCESS_POLICY = "AmazonEKSClusterAdminPolicy"
+# The label the cluster autoscaler's AWS provider reads to know a node has GPUs still coming up (it
+# waits for the device plugin instead of adding more nodes): kubernetes/autoscaler,
+# cluster-autoscaler/cloudprovider/aws/README.md, "Special note on GPU instances".
+AWS_ACCELERATOR_LABEL = "k8s.amazonaws.com/accelerator"
 
 
 def add_provider(scope: Construct, props: ClusterProps) -> AwsProvider:
@@ -115,8 +134,10 @@ class AwsGpuCluster(Construct):
         zones = self._zones()
         private_subnets = self._network(zones)
         self.cluster = self._cluster(private_subnets, account.account_id, partition.partition)
+        self._admin_access(partition.partition)
         node_role = self._node_role()
-        system = self._system_pool(node_role, private_subnets)
+        system_group, system = self._system_pool(node_role, private_subnets)
+        self.pod_identity_agent = self._pod_identity_agent(system_group)
         gpu_names = [self._gpu_pool(p, node_role, private_subnets) for p in props.gpu_pools]
         self.outputs = ClusterOutputs(
             cloud="aws",
@@ -244,7 +265,7 @@ class AwsGpuCluster(Construct):
         role = iam_role.IamRole(
             self, "cluster-role", name=f"{p.name}-cluster", assume_role_policy=_assume("eks.amazonaws.com")
         )
-        iam_role_policy_attachment.IamRolePolicyAttachment(
+        cluster_policy = iam_role_policy_attachment.IamRolePolicyAttachment(
             self, "cluster-policy", role=role.name, policy_arn=f"{self._arn_prefix}/AmazonEKSClusterPolicy"
         )
         public, private = _split_cidrs(p.api_allowed_cidrs)
@@ -297,7 +318,46 @@ class AwsGpuCluster(Construct):
             access_config=eks_cluster.EksClusterAccessConfig(
                 authentication_mode="API", bootstrap_cluster_creator_admin_permissions=True
             ),
-            depends_on=[role],
+            # Standard support only (stacks/catalog/kubernetes.yaml): at its end EKS upgrades the
+            # cluster instead of moving it into extended support, billed per cluster hour.
+            upgrade_policy=eks_cluster.EksClusterUpgradePolicy(support_type="STANDARD"),
+            # The policy must be attached before the cluster and detached after it, or EKS cannot
+            # delete the security groups and ENIs it made (aws provider docs, aws_eks_cluster example).
+            depends_on=[role, cluster_policy],
+        )
+
+    def _admin_access(self, partition: str) -> None:
+        """A STANDARD access entry plus cluster-wide AmazonEKSClusterAdminPolicy per admin role ARN."""
+        policy_arn = f"arn:{partition}:eks::aws:cluster-access-policy/{ADMIN_ACCESS_POLICY}"
+        # One entry per principal: EKS refuses a second entry for the same ARN (409).
+        for arn in dict.fromkeys(self.props.admin_principals):
+            cid = _principal_id(arn)
+            entry = eks_access_entry.EksAccessEntry(
+                self, f"{cid}-entry", cluster_name=self.cluster.name, principal_arn=arn, type="STANDARD"
+            )
+            eks_access_policy_association.EksAccessPolicyAssociation(
+                self,
+                f"{cid}-admin",
+                cluster_name=self.cluster.name,
+                # From the entry, so Terraform creates the entry first (the association needs it).
+                principal_arn=entry.principal_arn,
+                policy_arn=policy_arn,
+                access_scope=eks_access_policy_association.EksAccessPolicyAssociationAccessScope(
+                    type="cluster"
+                ),
+            )
+
+    def _pod_identity_agent(self, system_group: eks_node_group.EksNodeGroup) -> eks_addon.EksAddon:
+        """The EKS Pod Identity Agent (a DaemonSet), the default add-on version for the cluster's version.
+
+        After the system node group, so the add-on's ACTIVE status means the agent really runs on nodes.
+        """
+        return eks_addon.EksAddon(
+            self,
+            "pod-identity-agent",
+            cluster_name=self.cluster.name,
+            addon_name=POD_IDENTITY_ADDON,
+            depends_on=[system_group],
         )
 
     # -- nodes --------------------------------------------------------------------------------
@@ -305,10 +365,14 @@ class AwsGpuCluster(Construct):
         role = iam_role.IamRole(
             self, "node-role", name=f"{self.props.name}-node", assume_role_policy=_assume("ec2.amazonaws.com")
         )
-        for policy in NODE_POLICIES:
+        # Node groups depend on these: without them nodes fail to join (NodeCreationFailure), and on
+        # destroy EKS cannot delete instances and ENIs (aws provider docs, aws_eks_node_group example).
+        self._node_policies = [
             iam_role_policy_attachment.IamRolePolicyAttachment(
                 self, f"node-{policy}", role=role.name, policy_arn=f"{self._arn_prefix}/{policy}"
             )
+            for policy in NODE_POLICIES
+        ]
         return role
 
     def _launch_template(
@@ -349,11 +413,13 @@ class AwsGpuCluster(Construct):
         )
         return lt
 
-    def _system_pool(self, role: iam_role.IamRole, subnet_ids: list[str]) -> str:
+    def _system_pool(
+        self, role: iam_role.IamRole, subnet_ids: list[str]
+    ) -> tuple[eks_node_group.EksNodeGroup, str]:
         p = self.props
         lt = self._launch_template("system", 50)
         name = "system"
-        eks_node_group.EksNodeGroup(
+        group = eks_node_group.EksNodeGroup(
             self,
             "system-pool",
             cluster_name=self.cluster.name,
@@ -371,8 +437,9 @@ class AwsGpuCluster(Construct):
             ),
             labels={"gpufleet.io/pool": name},
             lifecycle=TerraformResourceLifecycle(ignore_changes=["scaling_config[0].desired_size"]),
+            depends_on=list(self._node_policies),
         )
-        return name
+        return group, name
 
     def _gpu_pool(self, pool: GpuPoolProps, role: iam_role.IamRole, subnet_ids: list[str]) -> str:
         block = pool.tier == "reserved"
@@ -382,6 +449,7 @@ class AwsGpuCluster(Construct):
             instance_type=pool.instance_type if block else None,
             reservation_id=pool.reservation_id if block else None,
         )
+        labels = {**pool.labels, AWS_ACCELERATOR_LABEL: _accelerator_value(pool)}
         ng = eks_node_group.EksNodeGroup(
             self,
             f"{pool.name}-pool",
@@ -397,7 +465,7 @@ class AwsGpuCluster(Construct):
             scaling_config=eks_node_group.EksNodeGroupScalingConfig(
                 min_size=pool.min_nodes, max_size=pool.max_nodes, desired_size=pool.min_nodes
             ),
-            labels=pool.labels,
+            labels=labels,
             taint=[
                 eks_node_group.EksNodeGroupTaint(
                     key=GPU_TAINT_KEY, value=GPU_TAINT_VALUE, effect="NO_SCHEDULE"
@@ -409,10 +477,11 @@ class AwsGpuCluster(Construct):
             update_config=eks_node_group.EksNodeGroupUpdateConfig(max_unavailable=1),
             # The cluster autoscaler owns the desired size once the group exists.
             lifecycle=TerraformResourceLifecycle(ignore_changes=["scaling_config[0].desired_size"]),
+            depends_on=list(self._node_policies),
         )
         asg_name = ng.resources.get(0).autoscaling_groups.get(0).name
         prefix = "k8s.io/cluster-autoscaler/node-template"
-        template = {f"{prefix}/label/{k}": v for k, v in pool.labels.items()}
+        template = {f"{prefix}/label/{k}": v for k, v in labels.items()}
         template[f"{prefix}/taint/{GPU_TAINT_KEY}"] = f"{GPU_TAINT_VALUE}:NoSchedule"
         template[f"{prefix}/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
         for i, (key, value) in enumerate(sorted(template.items())):
@@ -425,3 +494,14 @@ class AwsGpuCluster(Construct):
                 ),
             )
         return pool.name
+
+
+def _principal_id(arn: str) -> str:
+    """A construct id per principal that stays put when the list is reordered: its name and a hash."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", arn.rsplit("/", 1)[-1])[:40]
+    return f"admin-{name}-{hashlib.sha256(arn.encode()).hexdigest()[:8]}"
+
+
+def _accelerator_value(pool: GpuPoolProps) -> str:
+    """`nvidia-h100-80gb` for an H100-80GB pool: a valid label value naming the GPU."""
+    return re.sub(r"[^a-z0-9.-]", "-", f"nvidia-{pool.gpu.lower()}")[:63].strip("-.")

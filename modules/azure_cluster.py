@@ -2,12 +2,21 @@
 user pools that scale to zero.
 
 Choices, and why:
-- GPUs: `gpu_driver = "Install"` on the GPU pool (azurerm 5.x), so AKS installs the NVIDIA driver and
-  the device plugin; no GPU Operator needed.
-- The API server is reachable only from `api_allowed_cidrs` (authorized IP ranges).
+- GPUs: `gpu_driver = "Install"` on the GPU pool (azurerm 5.x) installs the NVIDIA driver only. AKS
+  does not run the NVIDIA device plugin, so nodes advertise no `nvidia.com/gpu` until the add-ons stack
+  installs it (Helm chart `nvidia-device-plugin`; AKS docs "use-nvidia-gpu").
+- Pools: `system` keeps `only_critical_addons_enabled` (the CriticalAddonsOnly taint) and the GPU
+  pools are tainted, so an untainted user pool `apps` (2 to 4 small nodes) runs the router, KEDA and
+  cert-manager.
+- The API server is reachable only from `api_allowed_cidrs` and the NAT gateway's IP (authorized IP
+  ranges; the nodes reach the public API server through that IP).
 - Identity: a user-assigned managed identity for the control plane, with Network Contributor on the
   node subnet only; for a capacity reservation, a custom role with just the read and deploy actions
-  on that reservation group. Kubernetes RBAC goes through Entra ID (local accounts off).
+  on that reservation group. Kubernetes RBAC goes through Entra ID (local accounts off): the identity
+  running Terraform and `admin_principals` get "Azure Kubernetes Service RBAC Cluster Admin" on the
+  cluster, so the add-ons and serving stacks can be applied at all.
+- Ingress: the node subnet's NSG allows the router's public port from the Internet service tag; AKS
+  opens Service ports only on its own NSG, and a subnet NSG with the default rules drops them.
 - Encryption: host encryption on every pool (temp disks and caches encrypted at the VM host; managed
   disks are encrypted at rest by the platform). A customer-managed key (disk encryption set, KMS
   etcd encryption) needs a Key Vault, which is left to the operator (docs/stacks.md).
@@ -18,14 +27,16 @@ from __future__ import annotations
 
 import re
 
-from cdktn import TerraformResourceLifecycle
+from cdktn import Fn, Op, TerraformResourceLifecycle, Token
 from cdktn_provider_azurerm import (
+    data_azurerm_client_config,
     kubernetes_cluster,
     kubernetes_cluster_node_pool,
     log_analytics_workspace,
     nat_gateway,
     nat_gateway_public_ip_association,
     network_security_group,
+    network_security_rule,
     public_ip,
     resource_group,
     role_assignment,
@@ -41,7 +52,23 @@ from constructs import Construct
 from gpufleet.modules.cluster import GPU_TAINT_EFFECT, ClusterOutputs, ClusterProps, GpuPoolProps, short_name
 
 SYSTEM_VM_SIZE = "Standard_D4ds_v5"
-SPOT_TAINT = "kubernetes.azure.com/scalesetpriority=spot:NoSchedule"  # AKS adds it to spot pools itself
+APPS_VM_SIZE = "Standard_D4ds_v5"  # router, KEDA, cert-manager: small, general purpose
+APPS_POOL = "apps"
+APPS_MIN_NODES, APPS_MAX_NODES = 2, 4
+MAX_PODS = 50
+# AKS puts this label and taint on every Spot node itself. azurerm's kubernetes_cluster_node_pool docs
+# ("When setting `priority` to Spot - you must configure an `eviction_policy`, `spot_max_price` and
+# add the applicable `node_labels` and `node_taints`", citing AKS "spot-node-pool") ask for both in
+# the config, else every plan shows a diff (and a change forces a new pool).
+SPOT_LABEL_KEY = "kubernetes.azure.com/scalesetpriority"
+SPOT_LABEL_VALUE = "spot"
+SPOT_TAINT = f"{SPOT_LABEL_KEY}={SPOT_LABEL_VALUE}:NoSchedule"
+# Built-in role for the Kubernetes data plane with Azure RBAC (AKS docs "manage-azure-rbac").
+CLUSTER_ADMIN_ROLE = "Azure Kubernetes Service RBAC Cluster Admin"
+# router_public_port(): 80 means the router sits behind an INTERNAL load balancer, which the NSG's
+# default AllowVnetInBound rule already admits; only a public port is opened to the Internet tag.
+INTERNAL_ROUTER_PORT = 80
+ROUTER_NSG_PRIORITY = 200
 CAPACITY_RESERVATION_ACTIONS = [
     "Microsoft.Compute/capacityReservationGroups/read",
     "Microsoft.Compute/capacityReservationGroups/deploy/action",
@@ -80,6 +107,8 @@ class AzureGpuCluster(Construct):
         )
         self._network()
         self.cluster = self._cluster()
+        self._admins()
+        self.apps_pool = self._apps_pool()
         gpu_names = [self._gpu_pool(p) for p in props.gpu_pools]
         self.outputs = ClusterOutputs(
             cloud="azure",
@@ -125,6 +154,27 @@ class AzureGpuCluster(Construct):
         self.nsg_assoc = subnet_network_security_group_association.SubnetNetworkSecurityGroupAssociation(
             self, "nodes-nsg-assoc", subnet_id=self.subnet.id, network_security_group_id=nsg.id
         )
+        if p.router_port != INTERNAL_ROUTER_PORT:
+            # The router's public load balancer: AKS opens the Service's port only on its own NSG (on
+            # the node NICs); a subnet NSG with the default rules still drops it (AKS docs
+            # "concepts-security", "Network security groups"). The destination is the load balancer's
+            # frontend IP (floating IP), unknown here, hence "*"; the subnet has no other public IP.
+            network_security_rule.NetworkSecurityRule(
+                self,
+                "router-ingress",
+                name=f"allow-router-{p.router_port}",
+                resource_group_name=self.rg.name,
+                network_security_group_name=nsg.name,
+                priority=ROUTER_NSG_PRIORITY,
+                direction="Inbound",
+                access="Allow",
+                protocol="Tcp",
+                source_address_prefix="Internet",
+                source_port_range="*",
+                destination_address_prefix="*",
+                destination_port_range=str(p.router_port),
+                description="gpufleet router: HTTPS from clients and peer regions",
+            )
         ip = public_ip.PublicIp(
             self,
             "nat-ip",
@@ -145,6 +195,7 @@ class AzureGpuCluster(Construct):
             idle_timeout_in_minutes=10,
             tags=self.tags,
         )
+        self.nat_ip = ip
         nat_gateway_public_ip_association.NatGatewayPublicIpAssociation(
             self, "nat-ip-assoc", nat_gateway_id=nat.id, public_ip_address_id=ip.id
         )
@@ -196,7 +247,7 @@ class AzureGpuCluster(Construct):
                 vnet_subnet_id=self.subnet.id,
                 zones=list(p.zones) or None,
                 host_encryption_enabled=True,
-                max_pods=50,
+                max_pods=MAX_PODS,
                 os_disk_size_gb=64,
                 os_disk_type="Ephemeral",  # on the VM's local disk: encrypted at host, nothing to leak
                 upgrade_settings=kc.KubernetesClusterDefaultNodePoolUpgradeSettings(max_surge="10%"),
@@ -204,7 +255,10 @@ class AzureGpuCluster(Construct):
                 tags=self.tags,
             ),
             api_server_access_profile=kc.KubernetesClusterApiServerAccessProfile(
-                authorized_ip_ranges=list(p.api_allowed_cidrs)
+                # With outbound type userAssignedNATGateway the nodes (kubelet, konnectivity, add-ons)
+                # reach the public API server from the NAT IP, which AKS does not add by itself (AKS
+                # docs "api-server-authorized-ip-ranges"; it adds only a managed load balancer's IPs).
+                authorized_ip_ranges=[*p.api_allowed_cidrs, f"{self.nat_ip.ip_address}/32"]
             ),
             network_profile=kc.KubernetesClusterNetworkProfile(
                 network_plugin="azure",
@@ -237,6 +291,60 @@ class AzureGpuCluster(Construct):
             depends_on=[self.nat_assoc, self.nsg_assoc, self.subnet_grant],
         )
 
+    def _admins(self) -> None:
+        """Data-plane admin for the identity running Terraform and for each of `admin_principals`.
+
+        Azure RBAC is on and local accounts are off: without a role, nobody (the deployer included) can
+        reach the Kubernetes API, and the add-ons and serving stacks cannot be applied (AKS docs
+        "manage-azure-rbac", "entra-id-authorization").
+        """
+        me = data_azurerm_client_config.DataAzurermClientConfig(self, "deployer")
+        role_assignment.RoleAssignment(
+            self,
+            "deployer-cluster-admin",
+            scope=self.cluster.id,
+            role_definition_name=CLUSTER_ADMIN_ROLE,
+            principal_id=me.object_id,
+        )
+        for i, oid in enumerate(dict.fromkeys(o.lower() for o in self.props.admin_principals)):
+            # An admin who is also the deployer would get a second, identical assignment, which Azure
+            # refuses (RoleAssignmentExists); the data source is read at plan time, so count is known.
+            role_assignment.RoleAssignment(
+                self,
+                f"admin-{i}-cluster-admin",
+                scope=self.cluster.id,
+                role_definition_name=CLUSTER_ADMIN_ROLE,
+                principal_id=oid,
+                count=Token.as_number(Fn.conditional(Op.eq(Fn.lower(me.object_id), oid), 0, 1)),
+            )
+
+    def _apps_pool(self) -> str:
+        """An untainted user pool for the router, KEDA and cert-manager (the system pool only takes
+        critical add-ons, the GPU pools are tainted)."""
+        p = self.props
+        kubernetes_cluster_node_pool.KubernetesClusterNodePool(
+            self,
+            "apps-pool",
+            name=APPS_POOL,
+            kubernetes_cluster_id=self.cluster.id,
+            mode="User",
+            vm_size=APPS_VM_SIZE,
+            auto_scaling_enabled=True,
+            min_count=APPS_MIN_NODES,
+            max_count=APPS_MAX_NODES,
+            node_labels={"gpufleet.io/pool": APPS_POOL},
+            zones=list(p.zones) or None,
+            vnet_subnet_id=self.subnet.id,
+            host_encryption_enabled=True,
+            max_pods=MAX_PODS,
+            os_disk_size_gb=64,
+            os_disk_type="Ephemeral",
+            upgrade_settings=kubernetes_cluster_node_pool.KubernetesClusterNodePoolUpgradeSettings(max_surge="10%"),
+            tags=self.tags,
+            lifecycle=TerraformResourceLifecycle(ignore_changes=["node_count"]),
+        )
+        return APPS_POOL
+
     def _reservation_grant(self, pool: GpuPoolProps) -> role_assignment.RoleAssignment:
         crg = pool.reservation_id
         role = role_definition.RoleDefinition(
@@ -261,11 +369,13 @@ class AzureGpuCluster(Construct):
         p = self.props
         name = aks_pool_name(pool.name)
         taints = [f"nvidia.com/gpu=present:{GPU_TAINT_EFFECT}"]
+        labels = dict(pool.labels)
         extra: dict = {}
         depends: list = []
         zones = list(p.zones)
         if pool.tier == "spot":
             taints.append(SPOT_TAINT)
+            labels[SPOT_LABEL_KEY] = SPOT_LABEL_VALUE
             extra = {"priority": "Spot", "eviction_policy": "Delete", "spot_max_price": -1}
         elif pool.tier == "reserved":
             extra = {"capacity_reservation_group_id": pool.reservation_id}
@@ -280,16 +390,16 @@ class AzureGpuCluster(Construct):
             kubernetes_cluster_id=self.cluster.id,
             mode="User",
             vm_size=pool.instance_type,
-            gpu_driver="Install",
+            gpu_driver="Install",  # the driver only; the add-ons stack installs the device plugin
             auto_scaling_enabled=True,
             min_count=pool.min_nodes,
             max_count=pool.max_nodes,
             node_taints=taints,
-            node_labels=pool.labels,
+            node_labels=labels,
             zones=zones or None,
             vnet_subnet_id=self.subnet.id,
             host_encryption_enabled=True,
-            max_pods=50,
+            max_pods=MAX_PODS,
             os_disk_size_gb=pool.disk_gib,
             tags=self.tags,
             # The autoscaler owns the node count.

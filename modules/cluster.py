@@ -77,6 +77,10 @@ class ClusterProps:
     system_nodes: int = 2
     system_instance_type: str | None = None  # None: the cloud module's default
     project: str | None = None  # GCP only: the project (a Terraform variable's token in the app)
+    # Who administers the cluster beside the identity running Terraform: IAM role ARNs (AWS access
+    # entries) or Entra ID object ids (Azure RBAC); GCP grants through project IAM, outside the stack.
+    admin_principals: tuple[str, ...] = ()
+    router_port: int = 443  # where the router's public load balancer listens (Azure's NSG must allow it)
 
     def __post_init__(self) -> None:
         if not self.gpu_pools:
@@ -169,11 +173,27 @@ def props_for_region(fleet: Fleet, region: Region) -> ClusterProps:
         name=cluster_name(fleet, region),
         region=region.region,
         zones=tuple(region.zones),
-        kubernetes_version=fleet.settings.kubernetes_version,
+        kubernetes_version=fleet.kubernetes_version,
         api_allowed_cidrs=tuple(fleet.settings.api_allowed_cidrs),
         gpu_pools=(pool,),
         tags=tags,
+        admin_principals=_admins(fleet, region.cloud.value),
+        router_port=router_public_port(fleet),
     )
+
+
+def _admins(fleet: Fleet, cloud: str) -> tuple[str, ...]:
+    access = fleet.settings.access
+    if cloud == "aws":
+        return tuple(access.aws_admin_role_arns)
+    if cloud == "azure":
+        return tuple(access.azure_admin_principal_ids)
+    return ()
+
+
+def router_public_port(fleet: Fleet) -> int:
+    """443 (TLS) when the fleet has public DNS names for its routers; else 80 on an internal balancer."""
+    return 443 if fleet.settings.dns is not None else 80
 
 
 def cluster_name(fleet: Fleet, region: Region) -> str:

@@ -7,7 +7,9 @@ Choices, and why:
 - The API endpoint is public but only reachable from `master_authorized_networks_config` (the fleet's
   api_allowed_cidrs); nodes have private IPs only and reach the internet through Cloud NAT.
 - Secrets in etcd are encrypted with a customer-managed KMS key (application-layer secrets
-  encryption); the GKE service agent is the only identity allowed to use it.
+  encryption); the GKE service agent is the only identity allowed to use it. Key rings cannot be
+  deleted, so the ring's name carries a `random_id` suffix: a destroy followed by an apply makes a new
+  ring instead of failing with 409 on the old name.
 - Nodes run as a dedicated service account with `roles/container.defaultNodeServiceAccount` (Google's
   minimal role for nodes: logs, metrics, metadata) and read-only Artifact Registry, not as the
   project's default compute account (Editor).
@@ -35,6 +37,8 @@ from cdktn_provider_google import (
     service_account,
 )
 from cdktn_provider_google.provider import GoogleProvider
+from cdktn_provider_random import id as random_id
+from cdktn_provider_random.provider import RandomProvider
 from constructs import Construct
 from gpufleet.modules.cluster import (
     GPU_TAINT_KEY,
@@ -67,6 +71,9 @@ def add_provider(scope: Construct, props: ClusterProps) -> GoogleProvider:
     # Set through an override: cdktn snake-cases the keys of map arguments of provider blocks
     # ("cost-center" became "cost_center"), which would rename the fleet's labels.
     provider.add_override("default_labels", gcp_labels(dict(props.tags)))
+    # The key ring's name suffix comes from random_id; one random provider per stack.
+    if scope.node.try_find_child("random") is None:
+        RandomProvider(scope, "random")
     return provider
 
 
@@ -175,8 +182,15 @@ class GcpGpuCluster(Construct):
     def _secrets_key(self) -> kms_crypto_key.KmsCryptoKey:
         p = self.props
         project = data_google_project.DataGoogleProject(self, "project", project_id=p.project)
+        # google provider, kms_key_ring: "KeyRings cannot be deleted from Google Cloud Platform.
+        # Destroying a Terraform-managed KeyRing will remove it from state but will not delete the
+        # resource from the project." A fixed name would collide (409) on the next apply, so the name
+        # takes a random suffix, kept in state; a new project or region draws a new one.
+        suffix = random_id.Id(
+            self, "keyring-suffix", byte_length=4, keepers={"project": p.project, "location": p.region}
+        )
         ring = kms_key_ring.KmsKeyRing(
-            self, "keyring", name=f"{p.name}-gke", location=p.region, project=p.project
+            self, "keyring", name=f"{p.name}-gke-{suffix.hex}", location=p.region, project=p.project
         )
         key = kms_crypto_key.KmsCryptoKey(
             self,
@@ -208,6 +222,10 @@ class GcpGpuCluster(Construct):
             project=p.project,
             location=p.region,
             node_locations=list(p.zones) or None,
+            # A minor ("1.35") is a valid version: GKE resolves it to a patch of that minor on the cluster's
+            # channel (GKE "versioning-and-upgrades", Specifying cluster version); the REGULAR channel
+            # must offer the minor, which catalog/kubernetes.yaml checks. Node pools set no version and
+            # auto-upgrade (required on a release channel), so they follow the control plane.
             min_master_version=p.kubernetes_version,
             release_channel=cc.ContainerClusterReleaseChannel(channel="REGULAR"),
             network=self.network.id,
@@ -337,6 +355,8 @@ class GcpGpuCluster(Construct):
                     np.ContainerNodePoolNodeConfigGuestAccelerator(
                         type=pool.accelerator,
                         count=pool.gpus_per_node,
+                        # GKE installs the newest driver for the node's version and runs the device
+                        # plugin itself (GKE "gpus", Install NVIDIA GPU device drivers).
                         gpu_driver_installation_config=np.ContainerNodePoolNodeConfigGuestAcceleratorGpuDriverInstallationConfig(
                             gpu_driver_version="LATEST"
                         ),

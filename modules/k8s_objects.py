@@ -6,11 +6,15 @@ as YAML for kubectl and Helm users. Nothing here imports cdktn, so the manifests
 
 Per region:
   Namespace; ConfigMap with the fleet file (endpoints filled in for the in-cluster router);
-  engines: Deployment (vLLM via `gpufleet engine launch`), PodDisruptionBudget, Service, headless
-  Service (the router's engine discovery: its A records are the ready engine pods);
-  router: Deployment (>= 2 replicas), PodDisruptionBudget, Service of type LoadBalancer.
-The router's admin token Secret is NOT described here: its value must never appear in a manifest
-(Terraform generates it with random_password; kubectl users create it, see docs/serving.md).
+  engines: Deployment (vLLM via `gpufleet engine launch`; KEDA owns its replica count, see
+  `k8s_autoscaling.py`), PodDisruptionBudget, Service, headless Service (the router's engine
+  discovery: its A records are the ready engine pods);
+  router: Deployment (>= 2 replicas), PodDisruptionBudget, an internal Service (plain HTTP, for
+  KEDA and in-cluster clients) and a LoadBalancer Service (HTTPS on 443 with a cert-manager
+  certificate when the fleet has DNS names, see `k8s_certs.py`; else an internal load balancer).
+Secrets are NOT described with values here: the router's admin token and the Hugging Face token must
+never appear in a manifest (Terraform fills them from random_password and a sensitive variable;
+kubectl users create them, see docs/serving.md).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gpufleet.modules.cluster import GPU_RESOURCE, GPU_TAINT_EFFECT, GPU_TAINT_KEY, LABEL_GPU
+from gpufleet.modules.cluster import (
+    GPU_RESOURCE,
+    GPU_TAINT_EFFECT,
+    GPU_TAINT_KEY,
+    LABEL_GPU,
+    router_public_port,
+)
 
 if TYPE_CHECKING:
     from gpufleet.stacks.spec import Fleet, Region
@@ -32,13 +42,17 @@ FLEET_KEY = "fleet.yaml"
 ENGINE = "gpufleet-engine"
 ENGINE_HEADLESS = "gpufleet-engine-headless"
 ROUTER = "gpufleet-router"
+ROUTER_INTERNAL = "gpufleet-router-internal"  # ClusterIP, plain HTTP: KEDA's /scale reads, in-cluster clients
 ADMIN_SECRET = "gpufleet-router-admin"
 ADMIN_SECRET_KEY = "token"
-HF_SECRET = "huggingface"  # optional: gated models (Llama) need a Hugging Face token
+HF_SECRET_KEY = "token"
+TLS_SECRET = "gpufleet-router-tls"  # written by cert-manager (k8s_certs.py)
 ENGINE_PORT = 8000  # vLLM's port: /health, /metrics, the OpenAI API
-ROUTER_PORT = 8080
+ROUTER_PORT = 8080  # plain HTTP inside the cluster
+ROUTER_TLS_PORT = 8443  # HTTPS behind the public load balancer
 RUN_AS_UID = 10001  # the serving image's non-root user (serving/Dockerfile)
-DEFAULT_IMAGE = "gpufleet-serving:0.1.0"  # push serving/Dockerfile's image to a registry and pass its name
+# Azure marks spot nodes with this taint itself (AKS spot-node-pool docs); spot engines tolerate it.
+AZURE_SPOT_TAINT_KEY = "kubernetes.azure.com/scalesetpriority"
 
 # Model load (download + weights to GPU + CUDA graphs) takes minutes; the startup probe allows
 # STARTUP_FAILURES x STARTUP_PERIOD_S = 15 minutes before the kubelet restarts the container.
@@ -49,7 +63,28 @@ MODEL_CACHE_SIZE = "150Gi"  # GPU nodes get 200 GiB disks (modules/cluster.py Gp
 # Secrets are mounted as files, not environment variables (a process listing or crash dump shows env).
 ADMIN_TOKEN_DIR = "/var/run/secrets/gpufleet"
 HF_TOKEN_DIR = "/var/run/secrets/huggingface"
+TLS_DIR = "/var/run/secrets/gpufleet-tls"
 HOME_DIR = "/home/gpufleet"  # the image user's HOME: vLLM, torch.compile and Triton caches
+
+
+class ImageError(ValueError):
+    """No serving image, or one the clusters could not pull."""
+
+
+def serving_image(fleet: Fleet, override: str | None = None) -> str:
+    """The serving image for the clusters: `override` (synth/manifests --image), else serving.image."""
+    from gpufleet.stacks.spec import check_image
+
+    image = override or fleet.serving.image
+    if not image:
+        raise ImageError(
+            "no serving image: build serving/Dockerfile, push it to a registry the clusters can pull from, "
+            "and set serving.image in the fleet file or pass --image REF"
+        )
+    try:
+        return check_image(image)
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -62,9 +97,10 @@ class RegionWorkload:
     model_name: str
     tensor_parallel_size: int
     gpus_per_node: int
+    min_nodes: int
     max_nodes: int
     image: str
-
+    tier: str = "on-demand"
     vcpus_per_gpu: float = 4.0
 
     @property
@@ -72,13 +108,21 @@ class RegionWorkload:
         return max(1, int(self.vcpus_per_gpu * self.tensor_parallel_size // 2))
 
     @property
-    def engine_replicas(self) -> int:
-        # Every GPU of the pool at max size runs an engine shard; min 0 nodes means the cluster
-        # autoscaler adds nodes for the pending pods, up to the pool's max.
-        return max(1, self.max_nodes * self.gpus_per_node // self.tensor_parallel_size)
+    def engines_per_node(self) -> int:
+        return max(1, self.gpus_per_node // self.tensor_parallel_size)
+
+    @property
+    def min_engines(self) -> int:
+        """Engines kept when idle: every GPU of the pool's minimum (0 nodes: 0 engines)."""
+        return self.min_nodes * self.engines_per_node
+
+    @property
+    def max_engines(self) -> int:
+        """Engines at the pool's maximum; KEDA scales between the two on the router's demand."""
+        return max(1, self.max_nodes * self.engines_per_node)
 
 
-def workload(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> RegionWorkload:
+def workload(fleet: Fleet, region: Region, image: str) -> RegionWorkload:
     model = fleet.model_for(region)
     it = region.instance(model.tensor_parallel_size)
     return RegionWorkload(
@@ -88,8 +132,10 @@ def workload(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> Region
         model_name=model.name,
         tensor_parallel_size=model.tensor_parallel_size,
         gpus_per_node=it.gpus,
+        min_nodes=region.nodes.min,
         max_nodes=region.nodes.max,
         image=image,
+        tier=region.capacity.tier.value,
         vcpus_per_gpu=it.vcpus_per_gpu,
     )
 
@@ -99,11 +145,18 @@ def engines_dns() -> str:
     return f"{ENGINE_HEADLESS}.{NAMESPACE}.svc.cluster.local:{ENGINE_PORT}"
 
 
-def peer_router_url(fleet: Fleet, region: Region) -> str | None:
-    """The per-region name the global-traffic stack creates for each router (peers forward to it)."""
+def router_hostname(fleet: Fleet, region: Region) -> str | None:
+    """The per-region name the global-traffic stack creates for each router, when the fleet has DNS."""
     if fleet.settings.dns is None:
         return None
-    return f"http://{region.key}.{fleet.settings.dns.record}"
+    return f"{region.key}.{fleet.settings.dns.record}"
+
+
+def peer_router_url(fleet: Fleet, region: Region) -> str | None:
+    """Where peers reach a region's router: HTTPS on its public name (the summary carries the admin
+    token, so it never crosses the internet in the clear)."""
+    host = router_hostname(fleet, region)
+    return None if host is None else f"https://{host}"
 
 
 def in_cluster_fleet_yaml(fleet: Fleet) -> str:
@@ -119,8 +172,14 @@ def in_cluster_fleet_yaml(fleet: Fleet) -> str:
         url = peer_router_url(fleet, region)
         if not ep.get("router") and url:
             ep["router"] = url
-    # The router reads its admin token from the Secret mounted as a file (router_objects).
-    data.setdefault("router", {})["admin_token_file"] = f"{ADMIN_TOKEN_DIR}/{ADMIN_SECRET_KEY}"
+    # The router reads its admin token from the Secret mounted as a file (router_objects), and its
+    # certificate from the Secret cert-manager keeps renewed (k8s_certs.py).
+    router = data.setdefault("router", {})
+    router["admin_token_file"] = f"{ADMIN_TOKEN_DIR}/{ADMIN_SECRET_KEY}"
+    if fleet.settings.dns is not None:
+        router["tls_cert_file"] = f"{TLS_DIR}/tls.crt"
+        router["tls_key_file"] = f"{TLS_DIR}/tls.key"
+        router["tls_port"] = ROUTER_TLS_PORT
     header = (
         "# Rendered by gpufleet for the in-cluster router and engine launcher; edit the source fleet file.\n"
     )
@@ -187,9 +246,7 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
         # The image's ENTRYPOINT is `gpufleet engine launch`: it probes the GPUs and execs vLLM.
         "args": ["--fleet", f"{FLEET_DIR}/{FLEET_KEY}", "--region", w.region_key, "--model", w.model_name],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        # huggingface_hub reads the token from this file (gated models); absent Secret, no token.
-        "env": [{"name": "HF_TOKEN_PATH", "value": f"{HF_TOKEN_DIR}/token"}],
-        "imagePullPolicy": "Always",
+        "imagePullPolicy": "IfNotPresent" if "@sha256:" in w.image else "Always",
         # CPU: half the node's vCPUs per GPU (the rest for the system and the device plugin); no CPU
         # limit, throttling the scheduler loop stalls every request in the batch. Memory: the request
         # covers the process and the weights streaming through host memory; no limit, since an OOM
@@ -206,7 +263,6 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
             {"name": "model-cache", "mountPath": "/root/.cache/huggingface"},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
-            {"name": "hf-token", "mountPath": HF_TOKEN_DIR, "readOnly": True},
             {"name": "home", "mountPath": HOME_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
@@ -220,27 +276,35 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    volumes = [
+        {"name": "model-cache", "emptyDir": {"sizeLimit": MODEL_CACHE_SIZE}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
+        {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
+        {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
+    ]
+    if fleet.serving.hf_token != "none":
+        # huggingface_hub reads the token from this file. Not optional: a gated model without it
+        # would crash-loop on a 401 from the hub; a missing Secret keeps the pod visibly Pending.
+        container["env"] = [{"name": "HF_TOKEN_PATH", "value": f"{HF_TOKEN_DIR}/{HF_SECRET_KEY}"}]
+        container["volumeMounts"].append({"name": "hf-token", "mountPath": HF_TOKEN_DIR, "readOnly": True})
+        volumes.append({"name": "hf-token", "secret": {"secretName": fleet.serving.hf_secret_name}})
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
         "nodeSelector": {LABEL_GPU: w.gpu},
-        "tolerations": [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": GPU_TAINT_EFFECT}],
+        "tolerations": engine_tolerations(w),
         "terminationGracePeriodSeconds": 60,  # let running requests finish
         "containers": [container],
-        "volumes": [
-            {"name": "model-cache", "emptyDir": {"sizeLimit": MODEL_CACHE_SIZE}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
-            {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
-            {"name": "hf-token", "secret": {"secretName": HF_SECRET, "optional": True}},
-            {"name": "home", "emptyDir": {"sizeLimit": "20Gi"}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "10Gi"}},
-        ],
+        "volumes": volumes,
     }
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(ENGINE, labels),
         "spec": {
-            "replicas": w.engine_replicas,
+            # The starting size only: KEDA's ScaledObject (k8s_autoscaling.py) owns the count from
+            # here on, between the pool's min and max, on the router's demand signal.
+            "replicas": w.min_engines,
             "selector": {"matchLabels": labels},
             # GPUs are scarce: replace pods one at a time, never ask for an extra GPU to surge.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -277,15 +341,50 @@ def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
     ]
 
 
-def _lb_annotations(cloud: str) -> dict[str, str]:
+def engine_tolerations(w: RegionWorkload) -> list[Obj]:
+    """The taints of the region's GPU pool, tolerated: the GPU taint everywhere, Azure's spot taint on
+    Azure spot pools (AKS puts it on every spot node)."""
+    tolerations = [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": GPU_TAINT_EFFECT}]
+    if w.cloud == "azure" and w.tier == "spot":
+        tolerations.append(
+            {"key": AZURE_SPOT_TAINT_KEY, "operator": "Equal", "value": "spot", "effect": "NoSchedule"}
+        )
+    return tolerations
+
+
+def _lb_annotations(cloud: str, public: bool) -> dict[str, str]:
+    """Annotations of the router's LoadBalancer Service: internet-facing only when it serves TLS."""
     if cloud == "aws":
         # In-tree controller: a Network Load Balancer (TCP, keeps long streams) instead of a Classic ELB.
-        return {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
-    return {}
+        out = {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+        if not public:
+            out["service.beta.kubernetes.io/aws-load-balancer-internal"] = "true"
+        return out
+    if public:
+        return {}
+    if cloud == "gcp":
+        return {"networking.gke.io/load-balancer-type": "Internal"}
+    return {"service.beta.kubernetes.io/azure-load-balancer-internal": "true"}
 
 
 def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[Obj]:
     labels = _labels("router", fleet)
+    tls = fleet.settings.dns is not None  # a public name to hold a certificate for
+    ports = [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}]
+    mounts = [
+        {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
+        # The admin token as a file: the in-cluster fleet sets router.admin_token_file to it.
+        {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
+    ]
+    volumes = [
+        {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
+        {"name": "admin-token", "secret": {"secretName": ADMIN_SECRET}},
+    ]
+    if tls:
+        ports.append({"name": "https", "containerPort": ROUTER_TLS_PORT, "protocol": "TCP"})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        volumes.append({"name": "tls", "secret": {"secretName": TLS_SECRET}})
+    public_port = router_public_port(fleet)
     container = {
         "name": "router",
         "image": w.image,
@@ -302,17 +401,13 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
             "--port",
             str(ROUTER_PORT),
         ],
-        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "imagePullPolicy": "Always",
+        "ports": ports,
+        "imagePullPolicy": "IfNotPresent" if "@sha256:" in w.image else "Always",
         "resources": {
             "requests": {"cpu": "500m", "memory": "512Mi"},
             "limits": {"cpu": "2", "memory": "1Gi"},
         },
-        "volumeMounts": [
-            {"name": "fleet", "mountPath": FLEET_DIR, "readOnly": True},
-            # The admin token as a file: the in-cluster fleet sets router.admin_token_file to it.
-            {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
         "readinessProbe": _http_probe(5, 3, 2),
         # Liveness on TCP only: /health may report "no engines" while GPU nodes scale up from zero,
         # and restarting the router would not help that.
@@ -326,10 +421,7 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
     pod = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_UID, "fsGroup": RUN_AS_UID},
         "containers": [container],
-        "volumes": [
-            {"name": "fleet", "configMap": {"name": FLEET_CONFIGMAP}},
-            {"name": "admin-token", "secret": {"secretName": ADMIN_SECRET}},
-        ],
+        "volumes": volumes,
         # Replicas on different nodes, so one node's loss leaves a router up.
         "topologySpreadConstraints": [
             {
@@ -363,29 +455,68 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": _meta(ROUTER, labels, annotations=_lb_annotations(w.cloud)),
+            "metadata": _meta(ROUTER_INTERNAL, labels),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": labels,
+                "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ROUTER, labels, annotations=_lb_annotations(w.cloud, public=tls)),
             "spec": {
                 "type": "LoadBalancer",
                 "selector": labels,
-                "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+                "ports": [
+                    {
+                        "name": "https" if tls else "http",
+                        "port": public_port,
+                        "targetPort": "https" if tls else "http",
+                        "protocol": "TCP",
+                    }
+                ],
             },
         },
     ]
 
 
-def region_objects(fleet: Fleet, region: Region, image: str = DEFAULT_IMAGE) -> list[Obj]:
-    """Everything one region's cluster runs, in apply order."""
+def router_internal_url(path: str = "") -> str:
+    return f"http://{ROUTER_INTERNAL}.{NAMESPACE}.svc.cluster.local:{ROUTER_PORT}{path}"
+
+
+def region_objects(fleet: Fleet, region: Region, image: str) -> list[Obj]:
+    """Everything one region's cluster runs, in apply order (custom resources last: their CRDs come
+    from the add-ons, KEDA and cert-manager)."""
+    from gpufleet.modules.k8s_autoscaling import autoscaling_objects
+    from gpufleet.modules.k8s_certs import certificate_objects
+
     w = workload(fleet, region, image)
-    return namespace_objects(fleet) + engine_objects(fleet, w) + router_objects(fleet, w)
+    return (
+        namespace_objects(fleet)
+        + engine_objects(fleet, w)
+        + router_objects(fleet, w)
+        + autoscaling_objects(fleet, w)
+        + certificate_objects(fleet, region)
+    )
 
 
-def admin_secret_object(token_reference: str) -> Obj:
-    """The admin Secret, for the Terraform renderer only: `token_reference` is a Terraform reference
-    (random_password.result) that the kubernetes provider resolves and base64-encodes at apply."""
+def secret_object(name: str, key: str, reference: str, component: str) -> Obj:
+    """A Secret for the Terraform renderer only: `reference` is a Terraform reference (random_password
+    .result, a sensitive variable) that the kubernetes provider resolves and base64-encodes at apply."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": _meta(ADMIN_SECRET, {"app.kubernetes.io/component": "router"}),
-        "data": {ADMIN_SECRET_KEY: token_reference},
+        "metadata": _meta(name, {"app.kubernetes.io/component": component}),
+        "data": {key: reference},
     }
+
+
+def admin_secret_object(token_reference: str) -> Obj:
+    return secret_object(ADMIN_SECRET, ADMIN_SECRET_KEY, token_reference, "router")
+
+
+def hf_secret_object(fleet: Fleet, token_reference: str) -> Obj:
+    return secret_object(fleet.serving.hf_secret_name, HF_SECRET_KEY, token_reference, "engine")

@@ -1,10 +1,12 @@
 """vLLM engines on one region's cluster, through the kubernetes provider.
 
-`K8sServing` renders `k8s_objects.namespace_objects` + `engine_objects` (the same description that
-`gpufleet manifests` writes as YAML): the namespace, the fleet ConfigMap, the engine Deployment
-(GPU limit = tensor parallel size, the GPU taint tolerated, model cache and memory-backed /dev/shm,
-startup probe for 15 minutes of model load, readiness/liveness on /health), its PDB, a Service and
-the headless Service the router resolves to find the engines.
+`K8sServing` renders `k8s_objects.namespace_objects` + `engine_objects` + `autoscaling_objects` (the
+same description that `gpufleet manifests` writes as YAML): the namespace, the fleet ConfigMap, the
+Hugging Face token Secret (from a sensitive Terraform variable, when the fleet says so), the engine
+Deployment (GPU limit = tensor parallel size, the pool's taints tolerated, model cache and
+memory-backed /dev/shm, startup probe for 15 minutes of model load, readiness/liveness on /health),
+its PDB, a Service, the headless Service the router resolves to find the engines, and KEDA's
+ScaledObject that owns the engine count (so Terraform ignores `replicas` after the first apply).
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cdktn import TerraformResourceLifecycle
 from constructs import Construct
 from gpufleet.modules import k8s_objects as k8s
+from gpufleet.modules.k8s_autoscaling import autoscaling_objects
 from gpufleet.modules.k8s_tf import render
 
 if TYPE_CHECKING:
@@ -24,7 +28,8 @@ if TYPE_CHECKING:
 class K8sServingProps:
     fleet: Fleet
     region: Region
-    image: str = k8s.DEFAULT_IMAGE
+    image: str
+    hf_token: str | None = None  # a Terraform reference (sensitive variable) when the stack makes the Secret
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,8 @@ class K8sServingOutputs:
     namespace: str
     engine_service: str
     engines_dns: str  # host:port, what the router resolves
-    engine_replicas: int
+    min_engines: int
+    max_engines: int
 
 
 class K8sServing(Construct):
@@ -44,14 +50,25 @@ class K8sServing(Construct):
         self.namespace = ns
         self.fleet_config = configmap
         self.resources = []
+        deps = [ns, configmap]
+        if props.hf_token is not None:
+            deps.append(render(self, k8s.hf_secret_object(props.fleet, props.hf_token), depends_on=[ns]))
         for obj in k8s.engine_objects(props.fleet, w):
-            # Do not wait for the rollout: GPU nodes scale up from zero and the model loads for
-            # minutes, far past the provider's 10-minute apply timeout.
-            extra = {"wait_for_rollout": False} if obj["kind"] == "Deployment" else {}
-            self.resources.append(render(self, obj, depends_on=[ns, configmap], **extra))
+            extra = {}
+            if obj["kind"] == "Deployment":
+                extra = {
+                    # Do not wait for the rollout: GPU nodes scale up from zero and the model loads
+                    # for minutes, far past the provider's 10-minute apply timeout.
+                    "wait_for_rollout": False,
+                    # KEDA owns the replica count once the Deployment exists.
+                    "lifecycle": TerraformResourceLifecycle(ignore_changes=["spec[0].replicas"]),
+                }
+            self.resources.append(render(self, obj, depends_on=deps, **extra))
+        self.scaling = [render(self, obj, depends_on=[ns]) for obj in autoscaling_objects(props.fleet, w)]
         self.outputs = K8sServingOutputs(
             namespace=k8s.NAMESPACE,
             engine_service=k8s.ENGINE,
             engines_dns=k8s.engines_dns(),
-            engine_replicas=w.engine_replicas,
+            min_engines=w.min_engines,
+            max_engines=w.max_engines,
         )

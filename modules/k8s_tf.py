@@ -94,7 +94,13 @@ def render(scope: Any, obj: dict[str, Any], **options: Any):
 
     kind = obj["kind"]
     if kind not in _KINDS:
-        raise RenderError(f"no provider resource for Kubernetes kind {kind!r}")
+        if "." not in obj.get("apiVersion", "").split("/")[0]:
+            raise RenderError(f"no provider resource for Kubernetes kind {kind!r}")
+        # A custom resource (KEDA, cert-manager): kubernetes_manifest takes the object as it is. Its
+        # CRD must exist at plan time, which is why the add-ons that bring CRDs have their own stack.
+        from cdktn_provider_kubernetes.manifest import Manifest
+
+        return Manifest(scope, logical_id(obj), manifest=obj, **options)
     module_name, class_name = _KINDS[kind]
     module = importlib.import_module(f"cdktn_provider_kubernetes.{module_name}")
     cls = getattr(module, class_name)

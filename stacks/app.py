@@ -1,7 +1,8 @@
 """The cdktn app entry point: `python -m gpufleet.stacks.app` (what cdktf.json's `app` runs).
 
 Synthesizes the fleet file named by GPUFLEET_FLEET (default ./fleet.yaml) into the output folder the
-cdktn CLI chooses (CDKTF_OUTDIR), or cdktf.out/ when run by hand. A bad fleet file prints its problems
+cdktn CLI chooses (CDKTF_OUTDIR), or cdktf.out/ when run by hand. GPUFLEET_IMAGE, when set, overrides
+the fleet's serving.image (as `gpufleet synth --image` does). A bad fleet file prints its problems
 and exits 2, like `gpufleet validate`.
 """
 
@@ -26,7 +27,7 @@ def main() -> int:
     # Under `cdktn synth` the CLI passes the output folder in CDKTF_OUTDIR; the App reads it itself.
     outdir = None if "CDKTF_OUTDIR" in os.environ else Path("cdktf.out")
     try:
-        app, _ = build_app(fleet, outdir)
+        app, _ = build_app(fleet, outdir, image=os.environ.get("GPUFLEET_IMAGE") or None)
     except ValueError as exc:  # a fleet the clouds cannot build (e.g. one AWS zone for EKS)
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ into typed, frozen records. It imports nothing heavy, so the router and the CLI 
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from dataclasses import dataclass, field
 from functools import cache
@@ -59,6 +60,7 @@ class Model:
     head_dim: int
     max_context: int
     active_params_b: float | None = None
+    gated: bool = False  # the weights download only with a Hugging Face token of an account with access
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2, tensor_parallel: int = 1) -> int:
         """KV bytes one token occupies on ONE tensor-parallel shard (FACTS.md section 1)."""
@@ -203,3 +205,73 @@ def price(cloud: str, region: str, instance_name: str) -> float | None:
     """On-demand USD per node-hour, or None where the catalog has no figure."""
     table = prices().get(cloud)
     return table.price(region, instance_name) if table else None
+
+
+@dataclass(frozen=True)
+class KubernetesVersion:
+    service: str  # eks, gke, aks
+    version: str  # minor, e.g. "1.35"
+    released: datetime.date
+    end_of_support: datetime.date  # last day of standard support
+
+
+def _minor(version: str) -> str:
+    """"1.35.2" -> "1.35" (the catalog and the clouds' support calendars speak in minors)."""
+    parts = str(version).split(".")
+    return ".".join(parts[:2])
+
+
+@cache
+def _kubernetes() -> dict[str, Any]:
+    return _load("kubernetes.yaml")
+
+
+def kubernetes_service(cloud: str) -> str:
+    return cloud_info(cloud)["kubernetes"]
+
+
+def kubernetes_versions(cloud: str) -> dict[str, KubernetesVersion]:
+    """The minors the cloud's managed Kubernetes creates clusters with, oldest first."""
+    service = kubernetes_service(cloud)
+    raw = _kubernetes()[service]["versions"]
+    table = {
+        v: KubernetesVersion(service, v, d["released"], d["end_of_support"]) for v, d in raw.items()
+    }
+    return dict(sorted(table.items(), key=lambda kv: tuple(int(x) for x in kv[0].split("."))))
+
+
+def kubernetes_source(cloud: str) -> str:
+    return _kubernetes()[kubernetes_service(cloud)]["source"]
+
+
+def kubernetes_support(cloud: str, version: str, today: datetime.date) -> str | None:
+    """None when `cloud` supports `version` on `today`; else what is wrong, for a message."""
+    service = kubernetes_service(cloud).upper()
+    table = kubernetes_versions(cloud)
+    minor = _minor(version)
+    known = ", ".join(v for v, kv in table.items() if kv.released <= today <= kv.end_of_support)
+    entry = table.get(minor)
+    if entry is None:
+        return f"{service} does not offer Kubernetes {minor} (supported on {today}: {known or 'none known'})"
+    if today > entry.end_of_support:
+        return (
+            f"Kubernetes {minor} left {service} standard support on {entry.end_of_support} "
+            f"(supported on {today}: {known})"
+        )
+    if today < entry.released:
+        return f"{service} releases Kubernetes {minor} only on {entry.released}"
+    return None
+
+
+def default_kubernetes_version(today: datetime.date, clouds: tuple[str, ...] = CLOUDS) -> str:
+    """The newest minor every cloud in `clouds` supports on `today`."""
+    common: set[str] | None = None
+    for cloud in clouds:
+        ok = {v for v in kubernetes_versions(cloud) if kubernetes_support(cloud, v, today) is None}
+        common = ok if common is None else common & ok
+    if not common:
+        raise CatalogError(
+            f"no Kubernetes version is supported by {', '.join(clouds)} on {today}: "
+            "stacks/catalog/kubernetes.yaml needs newer versions"
+        )
+    return max(common, key=lambda v: tuple(int(x) for x in v.split(".")))

@@ -49,25 +49,29 @@ def _zone_id(client: Any, zone: str) -> str:
 
 
 def region_health_check(client: Any, fleet: Fleet, region: str) -> tuple[str, str]:
-    """(record name, health check id) of the region's record."""
+    """(record name, health check id) of the region's record: the latency record `<record>` when the
+    region is alone in its AWS latency region, the weighted `<aws-region>.<record>` when it shares one
+    (modules/dns.py). Either way its SetIdentifier is the region key; a shared group's own latency
+    record is named by the AWS region and carries the calculated check, which is never returned."""
     if fleet.settings.dns is None:
         raise DnsFailoverError("the fleet file has no settings.dns (zone, record): nothing to change in DNS")
     record = fleet.settings.dns.record.rstrip(".") + "."
     zone_id = _zone_id(client, fleet.settings.dns.zone)
     paginator = client.get_paginator("list_resource_record_sets")
-    for page in paginator.paginate(HostedZoneId=zone_id, StartRecordName=record):
+    # The whole zone: a weighted child sorts apart from `<record>`, and list order differs between
+    # Route53 and moto.
+    for page in paginator.paginate(HostedZoneId=zone_id):
         for rrset in page["ResourceRecordSets"]:
-            if rrset["Name"] != record:
+            name = rrset["Name"]
+            if name != record and not name.endswith("." + record):
                 continue
             if rrset.get("SetIdentifier") == region:
                 hc = rrset.get("HealthCheckId")
                 if not hc:
-                    raise DnsFailoverError(
-                        f"the {record} record of region {region} has no health check to invert"
-                    )
-                return record, hc
+                    raise DnsFailoverError(f"the {name} record of region {region} has no health check to invert")
+                return name, hc
     raise DnsFailoverError(
-        f"no {record} record with SetIdentifier {region!r} in zone {fleet.settings.dns.zone}"
+        f"no record with SetIdentifier {region!r} at or under {record} in zone {fleet.settings.dns.zone}"
     )
 
 

@@ -1,9 +1,12 @@
-"""Serving stacks: per region `<cloud>-<region>-serving` on top of its cluster stack; `global-traffic`.
+"""Per region `<key>-addons` and `<key>-serving` on top of its cluster stack; then `global-traffic`.
 
-`add_serving_stacks(app, fleet, clusters)` is called by `stacks.synth.build_app` after the cluster
-stacks exist. Each serving stack configures its kubernetes provider from the cluster stack's outputs
-(tokens of another stack: cdktn adds an output there and a remote-state data source here, and
-records the dependency in manifest.json), plus the short-lived credential each cloud needs:
+`add_serving_stacks(app, fleet, clusters, image=...)` is called by `stacks.synth.build_app` after the
+cluster stacks exist. Per region it adds `<key>-addons` (Helm releases of the cluster add-ons,
+modules/k8s_addons.py) and `<key>-serving` (engines, router, KEDA and cert-manager objects, which
+need the add-ons' CRDs at plan time, hence two stacks). Each configures its kubernetes (and helm)
+provider from the cluster stack's outputs (tokens of another stack: cdktn adds an output there and a
+remote-state data source here, and records the dependency in manifest.json), plus the short-lived
+credential each cloud needs:
   AWS    aws_eks_cluster_auth token            (the AWS provider in the cluster's region)
   GCP    google_client_config access_token     (the operator's gcloud credentials)
   Azure  azurerm_kubernetes_cluster kube_config (host, CA) + kubelogin (Entra ID token; no local accounts)
@@ -18,8 +21,6 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
-
-from gpufleet.modules.k8s_objects import DEFAULT_IMAGE
 
 if TYPE_CHECKING:
     from cdktn import App, TerraformStack
@@ -85,36 +86,35 @@ def serving_stack_name(region: Region) -> str:
     return f"{region.key}-serving"
 
 
-def _kubernetes_provider(stack: TerraformStack, cluster: Any) -> None:
-    """The kubernetes provider (and the cloud provider its credential comes from) for `cluster`."""
+def _cluster_connection(stack: TerraformStack, cluster: Any) -> dict[str, Any]:
+    """How Terraform reaches `cluster`'s API (host, CA, credential), for the kubernetes and helm
+    providers alike, plus the cloud provider the short-lived credential comes from."""
     from cdktn import Fn
-    from cdktn_provider_kubernetes.provider import KubernetesProvider, KubernetesProviderExec
 
     out = cluster.outputs
-    ca = Fn.base64decode(out.cluster_ca_certificate)
     if out.cloud == "aws":
         from cdktn_provider_aws.data_aws_eks_cluster_auth import DataAwsEksClusterAuth
         from cdktn_provider_aws.provider import AwsProvider
 
         AwsProvider(stack, "aws", region=out.region or cluster.region.region)
         auth = DataAwsEksClusterAuth(stack, "eks-auth", name=out.cluster_name)
-        KubernetesProvider(
-            stack, "kubernetes", host=out.endpoint, cluster_ca_certificate=ca, token=auth.token
-        )
-    elif out.cloud == "gcp":
+        return {
+            "host": out.endpoint,
+            "cluster_ca_certificate": Fn.base64decode(out.cluster_ca_certificate),
+            "token": auth.token,
+        }
+    if out.cloud == "gcp":
         from cdktn_provider_google.data_google_client_config import DataGoogleClientConfig
         from cdktn_provider_google.provider import GoogleProvider
 
         GoogleProvider(stack, "google", project=out.project, region=out.location or cluster.region.region)
         client = DataGoogleClientConfig(stack, "client-config")
-        KubernetesProvider(
-            stack,
-            "kubernetes",
-            host=f"https://{out.endpoint}",
-            cluster_ca_certificate=ca,
-            token=client.access_token,
-        )
-    elif out.cloud == "azure":
+        return {
+            "host": f"https://{out.endpoint}",
+            "cluster_ca_certificate": Fn.base64decode(out.cluster_ca_certificate),
+            "token": client.access_token,
+        }
+    if out.cloud == "azure":
         from cdktn_provider_azurerm.data_azurerm_kubernetes_cluster import DataAzurermKubernetesCluster
         from cdktn_provider_azurerm.provider import AzurermProvider
 
@@ -124,21 +124,72 @@ def _kubernetes_provider(stack: TerraformStack, cluster: Any) -> None:
         )
         kube = aks.kube_config.get(0)
         # The cluster has Entra ID RBAC and no local accounts (modules/azure_cluster.py), so there is no
-        # client certificate: kubelogin turns the operator's `az login` into a token for the AKS server app.
-        KubernetesProvider(
-            stack, "kubernetes", host=kube.host,
-            cluster_ca_certificate=Fn.base64decode(kube.cluster_ca_certificate),
-            exec=[KubernetesProviderExec(
-                api_version="client.authentication.k8s.io/v1beta1", command="kubelogin",
-                args=["get-token", "--login", "azurecli", "--server-id", AKS_AAD_SERVER_APP_ID],
-            )],
-        )  # fmt: skip
-    else:
-        raise ServingStackError(f"unknown cloud {out.cloud!r}")
+        # client certificate: kubelogin turns the operator's `az login` into a token for the AKS server
+        # app (the cluster stack gives the identity running Terraform an AKS RBAC admin role).
+        return {
+            "host": kube.host,
+            "cluster_ca_certificate": Fn.base64decode(kube.cluster_ca_certificate),
+            "exec": {
+                "api_version": "client.authentication.k8s.io/v1beta1",
+                "command": "kubelogin",
+                "args": ["get-token", "--login", "azurecli", "--server-id", AKS_AAD_SERVER_APP_ID],
+            },
+        }
+    raise ServingStackError(f"unknown cloud {out.cloud!r}")
 
 
-def _serving_stack(app: App, fleet: Fleet, cluster: Any, image: str) -> ServingStackHandle:
-    from cdktn import TerraformOutput, TerraformStack
+def _kubernetes_provider(stack: TerraformStack, cluster: Any, *, helm: bool = False) -> None:
+    """The kubernetes provider (and the helm provider when asked) for `cluster`."""
+    from cdktn_provider_kubernetes.provider import KubernetesProvider, KubernetesProviderExec
+
+    conn = _cluster_connection(stack, cluster)
+    exec_ = conn.pop("exec", None)
+    KubernetesProvider(
+        stack, "kubernetes", **conn, exec=[KubernetesProviderExec(**exec_)] if exec_ else None
+    )
+    if helm:
+        from cdktn_provider_helm.provider import (
+            HelmProvider,
+            HelmProviderKubernetes,
+            HelmProviderKubernetesExec,
+        )
+
+        k8s = HelmProviderKubernetes(**conn, exec=HelmProviderKubernetesExec(**exec_) if exec_ else None)
+        HelmProvider(stack, "helm", kubernetes=k8s)
+
+
+def addons_stack_name(region: Region) -> str:
+    return f"{region.key}-addons"
+
+
+def _addons_stack(app: App, fleet: Fleet, cluster: Any) -> TerraformStack:
+    """Helm releases of the cluster add-ons (autoscaler, device plugin, KEDA, cert-manager) with their
+    identities: a stack of their own, because the serving stack's custom resources need the CRDs they
+    install to exist at plan time."""
+    from cdktn import TerraformStack
+    from gpufleet.modules.k8s_addons import AddonsProps, ClusterAddons
+    from gpufleet.stacks.synth import configure_backend
+
+    region = cluster.region
+    name = addons_stack_name(region)
+    stack = TerraformStack(app, name)
+    configure_backend(stack, fleet, name, _outdir(app))
+    _kubernetes_provider(stack, cluster, helm=True)
+    if region.cloud.value != "aws" and fleet.settings.dns is not None:
+        from cdktn_provider_aws.provider import AwsProvider
+
+        # cert-manager's Route53 identity lives in the fleet's AWS account whatever the cluster's cloud.
+        AwsProvider(stack, "aws", region=ROUTE53_PROVIDER_REGION)
+    ClusterAddons(
+        stack,
+        "addons",
+        props=AddonsProps(fleet=fleet, region=region, kubernetes_version=cluster.props.kubernetes_version),
+    )
+    return stack
+
+
+def _serving_stack(app: App, fleet: Fleet, cluster: Any, image: str, addons: TerraformStack) -> ServingStackHandle:
+    from cdktn import TerraformOutput, TerraformStack, TerraformVariable
     from cdktn_provider_random.provider import RandomProvider
     from gpufleet.modules.k8s_router import K8sRouter, K8sRouterProps
     from gpufleet.modules.k8s_serving import K8sServing, K8sServingProps
@@ -147,10 +198,20 @@ def _serving_stack(app: App, fleet: Fleet, cluster: Any, image: str) -> ServingS
     region = cluster.region
     name = serving_stack_name(region)
     stack = TerraformStack(app, name)
+    stack.add_dependency(addons)  # KEDA and cert-manager CRDs before the objects that use them
     configure_backend(stack, fleet, name, _outdir(app))
     _kubernetes_provider(stack, cluster)
     RandomProvider(stack, "random")
-    serving = K8sServing(stack, "serving", props=K8sServingProps(fleet=fleet, region=region, image=image))
+    hf_token = None
+    if fleet.serving.hf_token == "variable":
+        # TF_VAR_hf_token (or -var): the token of a Hugging Face account with access to the model.
+        hf_token = TerraformVariable(
+            stack, "hf_token", type="string", sensitive=True, nullable=False,
+            description="Hugging Face token with access to the fleet's models (gated models need it)",
+        ).string_value  # fmt: skip
+    serving = K8sServing(
+        stack, "serving", props=K8sServingProps(fleet=fleet, region=region, image=image, hf_token=hf_token)
+    )
     router = K8sRouter(
         stack,
         "router",
@@ -159,7 +220,8 @@ def _serving_stack(app: App, fleet: Fleet, cluster: Any, image: str) -> ServingS
         ),
     )
     # Operator-facing facts only; the admin token is deliberately not an output.
-    TerraformOutput(stack, "engine_replicas", value=serving.outputs.engine_replicas)
+    TerraformOutput(stack, "engines_min", value=serving.outputs.min_engines)
+    TerraformOutput(stack, "engines_max", value=serving.outputs.max_engines)
     TerraformOutput(stack, "engines_dns", value=serving.outputs.engines_dns)
     return ServingStackHandle(name, stack, region, serving.outputs, router.outputs)
 
@@ -189,6 +251,8 @@ def _global_stack(app: App, fleet: Fleet, regions: dict[str, ServingStackHandle]
             latency_region=aws_latency_region(cloud, handle.region.region),
             address=handle.router.lb_ip if is_ip else handle.router.lb_hostname,
             is_ip=is_ip,
+            # Regions sharing an AWS latency region split its answers by their GPUs at max size.
+            weight=fleet.gpus_at_max(handle.region),
         ))  # fmt: skip
     GlobalTraffic(
         stack, "traffic", props=GlobalTrafficProps(zone=dns.zone, record=dns.record, routers=tuple(targets))
@@ -196,12 +260,14 @@ def _global_stack(app: App, fleet: Fleet, regions: dict[str, ServingStackHandle]
     return stack
 
 
-def add_serving_stacks(
-    app: App, fleet: Fleet, clusters: dict[str, Any], *, image: str = DEFAULT_IMAGE
-) -> ServingStacks:
-    """One serving stack per cluster stack (keyed by region key), then the global traffic stack."""
+def add_serving_stacks(app: App, fleet: Fleet, clusters: dict[str, Any], *, image: str) -> ServingStacks:
+    """Per cluster stack (keyed by region key) an add-ons stack and a serving stack, then the global
+    traffic stack."""
     for region in fleet.regions:  # fail before building anything
         aws_latency_region(region.cloud.value, region.region)
-    handles = {key: _serving_stack(app, fleet, cluster, image) for key, cluster in clusters.items()}
+    handles = {}
+    for key, cluster in clusters.items():
+        addons = _addons_stack(app, fleet, cluster)
+        handles[key] = _serving_stack(app, fleet, cluster, image, addons)
     glob = _global_stack(app, fleet, handles) if fleet.settings.dns is not None and handles else None
     return ServingStacks(handles, glob)

@@ -7,6 +7,7 @@ here so that a bad fleet file fails before anything is synthesized.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from enum import StrEnum
@@ -55,6 +56,7 @@ class ModelSpec(_Strict):
     tensor_parallel_size: int = Field(1, ge=1, le=8)
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     allow_fp8_kv_cache: bool = False
+    gated: bool | None = Field(None, description="weights need a Hugging Face token (default: the catalog's)")
 
     @model_validator(mode="after")
     def _architecture_known(self) -> ModelSpec:
@@ -83,6 +85,7 @@ class ModelSpec(_Strict):
             head_dim=self.head_dim or base.head_dim,
             max_context=self.max_context or (base.max_context if base else self.max_model_len),
             active_params_b=base.active_params_b if base else None,
+            gated=self.gated if self.gated is not None else (base.gated if base else False),
         )
 
 
@@ -216,6 +219,9 @@ class RouterSettings(_Strict):
     idle_timeout_s: float = Field(30.0, gt=0, le=3600, description="engine silence that counts as broken")
     breaker_failures: int = Field(3, ge=1, le=100, description="consecutive failures that open a breaker")
     breaker_cooldown_s: float = Field(5.0, gt=0, le=3600, description="an open breaker probes after this")
+    tls_cert_file: str | None = Field(None, description="PEM certificate chain; with tls_key_file, HTTPS on tls_port")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_port: int = Field(8443, ge=1, le=65535, description="HTTPS port, beside the plain --port")
     policy: Literal["headroom", "round-robin", "least-outstanding"] = "headroom"
     pace_fraction: float = Field(
         0.8,
@@ -226,15 +232,106 @@ class RouterSettings(_Strict):
     )
 
 
+# A registry host is the first path component when it has a dot or a port, or is localhost
+# (the rule Docker and containerd use to tell `registry/repo` from a Docker Hub `user/repo`).
+_IMAGE = re.compile(r"^(?P<registry>[a-z0-9.-]+(:[0-9]+)?)/[a-z0-9._/-]+(:[\w.-]+)?(@sha256:[0-9a-f]{64})?$")
+
+
+def image_registry(ref: str) -> str | None:
+    """The registry host of an image reference, or None when it would resolve to Docker Hub."""
+    first = ref.split("/", 1)[0] if "/" in ref else ""
+    if first and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return None
+
+
+class ServingSettings(_Strict):
+    """What runs on the clusters: the serving image and where the model's download token comes from."""
+
+    image: str | None = Field(
+        None,
+        description="serving image in a registry the clusters can pull from, digest recommended "
+        "(e.g. ghcr.io/acme/gpufleet-serving:0.1.0@sha256:...); `gpufleet synth --image` overrides it",
+    )
+    hf_token: Literal["variable", "existing-secret", "none"] = Field(
+        "variable",
+        description="variable: the serving stacks take a sensitive Terraform variable hf_token and create "
+        "the Secret; existing-secret: the operator creates it (e.g. from a secret store); none: public models",
+    )
+    hf_secret_name: str = Field("huggingface", pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+
+    @field_validator("image")
+    @classmethod
+    def _in_a_registry(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_image(value)
+        return value
+
+
+def check_image(ref: str) -> str:
+    """`ref` if it names an image in a registry; ValueError saying why not otherwise."""
+    if image_registry(ref) is None:
+        raise ValueError(
+            f"image {ref!r} names no registry, so the clusters would pull docker.io/{ref}; "
+            "push serving/Dockerfile's image to your registry and name it, e.g. ghcr.io/acme/gpufleet-serving:0.1.0"
+        )
+    if not _IMAGE.match(ref):
+        raise ValueError(f"image {ref!r} is not a registry image reference (registry/repository[:tag][@sha256:...])")
+    return ref
+
+
+class Access(_Strict):
+    """Who, beside the identity that runs Terraform, administers the clusters."""
+
+    aws_admin_role_arns: list[str] = Field(
+        default_factory=list,
+        description="existing IAM roles given EKS cluster-admin access entries; not the role that runs "
+        "Terraform (it has its creator entry already, and EKS refuses a second one with 409)",
+    )
+    azure_admin_principal_ids: list[str] = Field(
+        default_factory=list,
+        description="Entra ID object ids given 'Azure Kubernetes Service RBAC Cluster Admin' on each AKS cluster",
+    )
+
+    @field_validator("aws_admin_role_arns")
+    @classmethod
+    def _arns(cls, value: list[str]) -> list[str]:
+        for arn in value:
+            if not re.fullmatch(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+", arn):
+                raise ValueError(f"{arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+        return value
+
+    @field_validator("azure_admin_principal_ids")
+    @classmethod
+    def _object_ids(cls, value: list[str]) -> list[str]:
+        for oid in value:
+            if not re.fullmatch(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}", oid):
+                raise ValueError(f"{oid!r} is not an Entra ID object id (a GUID)")
+        return value
+
+
+class Tls(_Strict):
+    """Certificates for the routers' public names (cert-manager, ACME DNS-01 in the Route53 zone)."""
+
+    acme_email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$")
+    acme_server: str = Field("https://acme-v02.api.letsencrypt.org/directory", pattern=r"^https://")
+
+
 class Settings(_Strict):
     state: StateBackend = StateBackend()
     dns: Dns | None = None
+    access: Access = Access()
+    tls: Tls = Tls()
     tags: dict[str, str] = Field(default_factory=dict)
     budget_per_hour: float | None = Field(None, gt=0, description="USD per hour at max nodes")
     api_allowed_cidrs: list[str] = Field(
         default_factory=lambda: ["10.0.0.0/8"], description="CIDRs allowed to reach the Kubernetes API"
     )
-    kubernetes_version: str = Field("1.31", pattern=r"^1\.\d{2}$")
+    kubernetes_version: str | None = Field(
+        None,
+        pattern=r"^1\.\d{2}$",
+        description="Kubernetes minor for every cluster; default: the newest all three clouds support today",
+    )
 
     @field_validator("api_allowed_cidrs")
     @classmethod
@@ -260,6 +357,7 @@ class Fleet(_Strict):
     slo: Slo = Slo()
     regions: Annotated[list[Region], Field(min_length=1)]
     settings: Settings = Settings()
+    serving: ServingSettings = ServingSettings()
     router: RouterSettings = RouterSettings()
 
     @model_validator(mode="after")
@@ -287,7 +385,26 @@ class Fleet(_Strict):
                     f"regions[{i}] instance type {it.name} has {it.gpus} GPUs; "
                     f"model {model.name!r} needs tensor_parallel_size {need}"
                 )
+        today = datetime.date.today()
+        version = self.kubernetes_version
+        for cloud in sorted({r.cloud.value for r in self.regions}):
+            problem = catalog.kubernetes_support(cloud, version, today)
+            if problem:
+                raise ValueError(f"settings.kubernetes_version {version}: {problem}")
+        for m in self.models:
+            if m.shape.gated and self.serving.hf_token == "none":
+                raise ValueError(
+                    f"model {m.name!r} ({m.shape.hf_id}) is gated on Hugging Face: its weights download only "
+                    "with a token; set serving.hf_token to 'variable' or 'existing-secret'"
+                )
         return self
+
+    @property
+    def kubernetes_version(self) -> str:
+        """The fleet's Kubernetes minor: the one it names, else the newest its clouds all support today."""
+        if self.settings.kubernetes_version:
+            return self.settings.kubernetes_version
+        return catalog.default_kubernetes_version(datetime.date.today())
 
     def model_for(self, region: Region) -> ModelSpec:
         name = region.model or self.models[0].name

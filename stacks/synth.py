@@ -118,23 +118,21 @@ def _cluster_stack(app: App, fleet: Fleet, region: Region, outdir: Path | None) 
     return ClusterStackHandle(name=name, stack=stack, region=region, props=props, outputs=cluster.outputs)
 
 
-def _add_serving(app: App, fleet: Fleet, clusters: dict[str, ClusterStackHandle]) -> None:
-    try:
-        from gpufleet.stacks.serving_stacks import add_serving_stacks
-    except ImportError as exc:
-        if exc.name == "gpufleet.stacks.serving_stacks":
-            return  # not built yet: cluster stacks only
-        raise
-    add_serving_stacks(app, fleet, clusters)
-
-
 def build_app(
-    fleet: Fleet, outdir: str | Path | None = None, *, progress: Progress | None = None
+    fleet: Fleet,
+    outdir: str | Path | None = None,
+    *,
+    image: str | None = None,
+    progress: Progress | None = None,
 ) -> tuple[App, dict[str, ClusterStackHandle]]:
     """The cdktn App for the fleet, and its cluster stacks by region key.
 
-    `outdir` None lets the App take it from the environment (what `cdktn synth` sets).
+    `outdir` None lets the App take it from the environment (what `cdktn synth` sets). `image`
+    overrides the fleet's serving.image; with neither, ImageError (a ValueError) before any import.
     """
+    from gpufleet.modules.k8s_objects import serving_image
+
+    serving = serving_image(fleet, image)
     prepare_runtime()
     say = progress or (lambda _msg: None)
     say("loading cdktn and the cloud providers")
@@ -148,19 +146,29 @@ def build_app(
     for region in fleet.regions:
         say(f"building {stack_name(region)} ({region.gpu} on {region.cloud.value} {region.region})")
         clusters[region.key] = _cluster_stack(app, fleet, region, out)
-    _add_serving(app, fleet, clusters)
+    from gpufleet.stacks.serving_stacks import add_serving_stacks
+
+    say("building the add-ons, serving and global traffic stacks")
+    add_serving_stacks(app, fleet, clusters, image=serving)
     return app, clusters
 
 
 def synth_fleet(
-    fleet: Fleet, outdir: str | Path = DEFAULT_OUTDIR, *, progress: Progress | None = None
+    fleet: Fleet,
+    outdir: str | Path = DEFAULT_OUTDIR,
+    *,
+    image: str | None = None,
+    progress: Progress | None = None,
 ) -> list[StackSummary]:
     """Synthesize the fleet into `outdir` (stale stacks removed) and summarize what was written."""
+    from gpufleet.modules.k8s_objects import serving_image
+
+    serving_image(fleet, image)  # refuse a missing or registry-less image before touching `outdir`
     out = Path(outdir)
     stacks_dir = out / "stacks"
     if stacks_dir.is_dir():
         shutil.rmtree(stacks_dir)  # a region removed from the fleet must not leave its stack behind
-    app, _ = build_app(fleet, out, progress=progress)
+    app, _ = build_app(fleet, out, image=image, progress=progress)
     (progress or (lambda _m: None))(f"writing Terraform JSON to {out}/")
     app.synth()
     return summarize(out)

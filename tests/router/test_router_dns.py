@@ -99,3 +99,31 @@ def test_region_without_a_record_is_a_clear_error(route53, tmp_path):
         set_region_in_dns(load_fleet(fleet), "aws-eu-west-1", in_dns=False)
     change = set_region_in_dns(load_fleet(fleet), "aws-us-east-1", in_dns=True)
     assert change.changed is False and change.inverted is False
+
+
+def test_a_region_behind_a_shared_latency_record_is_found_under_its_group(route53, tmp_path):
+    """Two fleet regions in one AWS latency region sit in a weighted set at `<aws-region>.<record>`
+    (modules/dns.py): draining one inverts its own check, not the group's calculated check."""
+    from gpufleet.stacks.dns_failover import set_region_in_dns
+    from gpufleet.stacks.fleetfile import load_fleet
+
+    client, _ = route53
+    zone = client.list_hosted_zones_by_name(DNSName="example.com")["HostedZones"][0]["Id"]
+    own = client.create_health_check(
+        CallerReference="azure-eastus",
+        HealthCheckConfig={"Type": "HTTPS", "FullyQualifiedDomainName": "azure-eastus.llm.example.com",
+                           "ResourcePath": "/ready", "Port": 443},
+    )["HealthCheck"]["Id"]  # fmt: skip
+    client.change_resource_record_sets(
+        HostedZoneId=zone,
+        ChangeBatch={"Changes": [{"Action": "CREATE", "ResourceRecordSet": {
+            "Name": "us-east-1.llm.example.com", "Type": "CNAME", "SetIdentifier": "azure-eastus",
+            "Weight": 4, "TTL": 60, "HealthCheckId": own,
+            "ResourceRecords": [{"Value": "azure-eastus.llm.example.com"}]}}]},
+    )  # fmt: skip
+    fleet = tmp_path / "fleet.yaml"
+    azure = "  - {cloud: azure, region: eastus, gpu: A100-80GB, nodes: {max: 1}}\n"
+    fleet.write_text(FLEET.replace("regions:\n", "regions:\n" + azure))
+    change = set_region_in_dns(load_fleet(fleet), "azure-eastus", in_dns=False)
+    assert change.record == "us-east-1.llm.example.com." and change.health_check_id == own
+    assert inverted(client, own)
