@@ -7,6 +7,7 @@ command that needs them, so `gpufleet --help` and the router start fast.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,13 @@ def serve(
             EXIT_BAD_INPUT if "no region" in str(exc) or "lists no engines" in str(exc) else EXIT_ENVIRONMENT
         )
         fail(str(exc), code)
+    tls = _tls(spec.router, port)
+    for peer in config.peers:
+        if _cleartext(peer.router_url or ""):
+            _warn(
+                f"peer router {peer.key} is {peer.router_url}: plain HTTP, so the admin token sent with "
+                "each summary request crosses the network in the clear; give it an https:// URL"
+            )
 
     async def main() -> None:
         router = Router(config)
@@ -108,8 +116,16 @@ def serve(
             bound = await router.start(host, port)
         except OSError as exc:
             fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}", EXIT_ENVIRONMENT)
+        where = f"http://{host}:{bound}"
+        if tls is not None:
+            tls_port = spec.router.tls_port
+            try:
+                where += f" and https://{host}:{await router.start_tls(tls, host, tls_port)}"
+            except OSError as exc:
+                await router.close()
+                fail(f"cannot listen on {host}:{tls_port} (router.tls_port): {exc.strerror or exc}", EXIT_ENVIRONMENT)
         print(
-            f"router for {region} listening on http://{host}:{bound} "
+            f"router for {region} listening on {where} "
             f"({len(config.region.engines)} engines, {len(config.peers)} peers)",
             flush=True,
         )
@@ -122,6 +138,49 @@ def serve(
         asyncio.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _cleartext(url: str) -> bool:
+    """A plain-http URL to another host (loopback is this machine: nothing crosses a network)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def _tls(settings, port: int):
+    """The router's CertReloader when the fleet asks for HTTPS (router.tls_cert_file and
+    tls_key_file), else None; exits 2 on settings that do not go together, 3 on files that cannot
+    be read or used."""
+    if not settings.tls_cert_file and not settings.tls_key_file:
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        fail(
+            "router.tls_cert_file and router.tls_key_file go together: set both (HTTPS on "
+            "router.tls_port) or neither",
+            EXIT_BAD_INPUT,
+        )
+    if settings.tls_port == port:
+        fail(f"router.tls_port {settings.tls_port} is also --port: HTTPS needs a port of its own", EXIT_BAD_INPUT)
+    from gpufleet.serving.router.tls import CertReloader, TlsError
+
+    try:
+        return CertReloader(settings.tls_cert_file, settings.tls_key_file, on_event=_warn)
+    except TlsError as exc:
+        fail(str(exc), EXIT_ENVIRONMENT)
 
 
 def _fmt(value: Any, spec: str = "", none: str = "-") -> str:

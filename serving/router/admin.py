@@ -64,6 +64,14 @@ def state(router: Router) -> dict[str, Any]:
         "drained_regions": sorted(router.drained_regions),
         "drained_engines": sorted(router.drained_engines),
         "queue": router.queued,
+        "tls": None
+        if router.tls is None
+        else {
+            "port": router.tls_port,
+            "cert_file": str(router.tls.cert_file),
+            "reloads": router.tls.reloads,
+            "reload_error": router.tls.error,
+        },
         "engines": engine_rows(router),
         "regions": [
             {**s, "breaker": router.breakers.region_state(s["region"], now).value}

@@ -43,6 +43,9 @@ class RouterConfig:
     admin_token: str
     slo_ttft_ms: float
     slo_tpot_ms: float = 100.0
+    # KV tokens of one engine of this region as the fleet sizes it (serving/sizing.py), for /scale
+    # before any engine has reported its own; None when the model does not fit the region's GPU.
+    engine_tokens_estimate: int | None = None
 
     @property
     def peers(self) -> list[RegionInfo]:
@@ -90,6 +93,32 @@ def region_info(fleet: Fleet, key: str) -> RegionInfo:
     )
 
 
+def engine_tokens_estimate(fleet: Fleet, key: str) -> int | None:
+    """KV tokens one engine of region `key` would have: the launcher's sizing (`sizing.fit_engine`)
+    of the region's model on the catalog's GPU, shortening max_model_len if it must (the memory left
+    for KV does not depend on it). None when the weights do not fit."""
+    from gpufleet.serving.sizing import SizingError, fit_engine
+    from gpufleet.stacks import catalog
+
+    r = fleet.region(key)
+    spec = fleet.model_for(r)
+    gpu = catalog.gpu(r.gpu)
+    try:
+        plan = fit_engine(
+            spec.shape,
+            gpu.memory_bytes,
+            gpu.name,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            max_model_len=spec.max_model_len,
+            kv_cache_dtype=spec.kv_cache_dtype,
+            allow_fp8_kv_cache=spec.allow_fp8_kv_cache,
+            allow_shorter_max_model_len=True,
+        )
+    except SizingError:
+        return None
+    return plan.kv_tokens
+
+
 def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = None) -> RouterConfig:
     try:
         fleet.region(region_key)
@@ -111,4 +140,5 @@ def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = 
         admin_token=read_admin_token(fleet.router, env),
         slo_ttft_ms=fleet.slo.ttft_ms,
         slo_tpot_ms=fleet.slo.tpot_ms,
+        engine_tokens_estimate=engine_tokens_estimate(fleet, region_key),
     )

@@ -38,6 +38,7 @@ from gpufleet.serving.router.policy import (
     spare_headroom,
 )
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
+from gpufleet.serving.router.tls import CertReloader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
@@ -198,6 +199,10 @@ class Router:
         self.drained_engines: set[str] = set()
         self.outstanding: dict[str, int] = {}
         self.queued = 0
+        self.queued_tokens = 0  # the demand (need_tokens) of the requests in `queued`
+        from gpufleet.serving.router.scale import UnmetDemand  # (scale imports this module)
+
+        self.unmet = UnmetDemand()  # spilled and refused demand, for /scale
         self._room = asyncio.Event()
         self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
         self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (_watched)
@@ -208,6 +213,8 @@ class Router:
         self._tasks: list[asyncio.Task] = []
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.tls: CertReloader | None = None  # set by start_tls
+        self.tls_port: int | None = None
 
     # ---- views for the policy --------------------------------------------------------------------
 
@@ -363,16 +370,18 @@ class Router:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        from gpufleet.serving.router import admin, regions
+        from gpufleet.serving.router import admin, regions, scale
 
         app = web.Application(client_max_size=self.config.settings.max_body_bytes + 1)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
         admin.add_routes(app, self)
         regions.add_routes(app, self)
+        scale.add_routes(app, self)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None) -> int:
@@ -396,6 +405,23 @@ class Router:
         await site.start()
         self.port = (sock or site._server.sockets[0]).getsockname()[1]  # type: ignore[union-attr]
         return self.port
+
+    async def start_tls(
+        self, tls: CertReloader, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
+    ) -> int:
+        """Serve the same app over HTTPS too (after `start`), with `tls.context`; `tls.run()` re-reads
+        the certificate and key when their files change."""
+        assert self._runner is not None, "start() first"
+        site: web.BaseSite = (
+            web.SockSite(self._runner, sock, ssl_context=tls.context)
+            if sock
+            else web.TCPSite(self._runner, host, port, ssl_context=tls.context)
+        )
+        await site.start()
+        self.tls = tls
+        self.tls_port = (sock or site._server.sockets[0]).getsockname()[1]  # type: ignore[union-attr]
+        self._tasks.append(asyncio.create_task(tls.run(), name=f"tls-{self.region}"))
+        return self.tls_port
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -439,6 +465,41 @@ class Router:
                 "drained": s["drained"],
             }
         )
+
+    def readiness(self, now: float) -> tuple[int, dict[str, int]]:
+        """(usable local engines, why the others are not): usable = up, a sample younger than
+        stale_after_s, not drained, breaker not open."""
+        stale = self.policy_config.stale_after_s
+        why = {"down": 0, "stale": 0, "drained": 0, "breaker_open": 0}
+        ready = 0
+        for url, st in self.scraper.engines.items():
+            if not st.healthy or st.sample is None:
+                why["down"] += 1
+            elif now - st.sample.taken_at > stale:
+                why["stale"] += 1
+            elif url in self.drained_engines:
+                why["drained"] += 1
+            elif self.breakers.engine_state(url, now) is BreakerState.open:
+                why["breaker_open"] += 1
+            else:
+                ready += 1
+        return ready, why
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Readiness for DNS health checks (Route53, HTTPS /ready): 200 while this region can serve
+        from its own engines, 503 (OpenAI-style error) while it cannot, so DNS stops sending
+        clients here and peers spill around it."""
+        ready, why = self.readiness(self.clock())
+        facts = {"region": self.region, "engines_ready": ready, "engines": len(self.scraper.engines)}
+        if self.region in self.drained_regions:
+            message = f"region {self.region} is drained"
+        elif not ready:
+            detail = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in why.items() if n)
+            message = f"no engine of region {self.region} is up" + (f" ({detail})" if detail else " (none known)")
+        else:
+            return web.json_response({"ready": True, **facts})
+        body = {**error_body(503, message, "service_unavailable"), "ready": False, **facts}
+        return web.json_response(body, status=503, headers={"Cache-Control": "no-store"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -552,11 +613,12 @@ class Router:
         wait = 0.0 if not job.routed.allow_remote else s.queue_wait_s
         retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
         if wait <= 0 or self.queued >= s.queue_max:
-            self.metrics.rejected.inc()
+            self._refused(job)
             raise HttpError(
                 429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
             )
         self.queued += 1
+        self.queued_tokens += job.routed.need_tokens
         try:
             until = min(job.deadline, self.clock() + wait)
             while True:
@@ -572,10 +634,17 @@ class Router:
                     return cands
         finally:
             self.queued -= 1
-        self.metrics.rejected.inc()
+            self.queued_tokens -= job.routed.need_tokens
+        self._refused(job)
         raise HttpError(
             429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
         )
+
+    def _refused(self, job: _Job) -> None:
+        """A 429: no room. Unless the region is drained, it is demand for more engines (/scale)."""
+        self.metrics.rejected.inc()
+        if self.region not in self.drained_regions:
+            self.unmet.refused(job.routed.need_tokens, self.clock())
 
     def _take(self, cands: list[Candidate]) -> Candidate | None:
         """The first candidate whose breaker lets a request through now (half-open: as the probe)."""
@@ -629,7 +698,7 @@ class Router:
             cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
         if only_full:
             s = self.config.settings
-            self.metrics.rejected.inc()
+            self._refused(job)
             retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
             raise HttpError(
                 429, f"no room for this request now ({last_error})", "rate_limit_error", retry_after
@@ -646,11 +715,14 @@ class Router:
 
     def _note_sent(self, cand: Candidate, job: _Job, key: object) -> None:
         # The whole demand counts against the target until the answer shows up in its KV cache.
-        self.ledger.routed(cand.target, key, job.routed.need_tokens, self.clock())
+        now = self.clock()
+        self.ledger.routed(cand.target, key, job.routed.need_tokens, now)
         if cand.engine is not None:
             self.outstanding[cand.engine] = self.outstanding.get(cand.engine, 0) + 1
         else:
             self.metrics.spills.labels(cand.region).inc()
+            if self.region not in self.drained_regions:  # spilled for lack of local room (/scale)
+                self.unmet.spill_started(key, job.routed.need_tokens, now)
 
     def _note_done(self, cand: Candidate, key: object) -> None:
         self.ledger.done(key)
@@ -660,6 +732,8 @@ class Router:
                 self.outstanding[cand.engine] = n
             else:
                 self.outstanding.pop(cand.engine, None)
+        else:
+            self.unmet.spill_ended(key, self.clock())
 
     async def _watched(self, awaitable, cand: Candidate):
         """Await an engine's answer, but give up when the scraper finds the engine dead meanwhile.
