@@ -341,6 +341,9 @@ class Router:
             "healthy_engines": sum(1 for v in views if v.healthy and not v.drained),
             "engines": len(views),
             "data_age_s": max(ages) if ages else None,  # None: no engine sampled yet
+            # Demand refused here for lack of room anywhere (peak tokens in one second of the last
+            # minute): peers that can still grow take a share of it into their own /scale.
+            "unmet_tokens": self.unmet.peaks(now)[1],
         }
 
     def region_summaries(self, now: float) -> list[dict[str, Any]]:

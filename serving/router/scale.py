@@ -7,6 +7,9 @@ scaler reads (valueLocation `desired_engines`, targetValue 1).
                      + what it could not place locally in the last UNMET_WINDOW_S: the peak of the
                        demand it had forwarded to peers at once, and the most it refused (429) in
                        one UNMET_SLOT_S slot
+                     + a share of what the PEERS refused (their summaries' `unmet_tokens`, split
+                       evenly over the regions), so a region idle at zero warms up when the rest
+                       of the fleet runs out of room, although DNS does not send it clients then
     capacity per engine = num_gpu_blocks x block_size as the engines report it (their mean), or,
                        before any engine has reported, the fleet's sizing of one engine
                        (serving/sizing.py, `config.engine_tokens_estimate`)
@@ -49,6 +52,7 @@ class ScaleInputs:
     spilled_tokens: float
     refused_tokens: float
     capacity_per_engine_tokens: float | None  # None: unknown (no engine reported, no estimate)
+    peer_unmet_tokens: float = 0.0  # this region's share of what its peers had to refuse
 
     @property
     def demand_tokens(self) -> float:
@@ -58,12 +62,18 @@ class ScaleInputs:
             + self.queued_tokens
             + self.spilled_tokens
             + self.refused_tokens
+            + self.peer_unmet_tokens
         )
 
     @property
     def unmet(self) -> bool:
-        """Some demand found no local room (queued, spilled or refused)."""
-        return self.queued_tokens > 0 or self.spilled_tokens > 0 or self.refused_tokens > 0
+        """Some demand found no room (queued, spilled or refused here, or refused by a peer)."""
+        return (
+            self.queued_tokens > 0
+            or self.spilled_tokens > 0
+            or self.refused_tokens > 0
+            or self.peer_unmet_tokens > 0
+        )
 
 
 def desired_engines(inputs: ScaleInputs, target_fill: float = TARGET_FILL) -> int:
@@ -139,6 +149,17 @@ class UnmetDemand:
         return spilled, refused
 
 
+def peer_unmet_share(router: Router, now: float) -> float:
+    """This region's even share of the demand its peers refused (fresh summaries only); none while
+    this region is drained."""
+    if router.region in router.drained_regions:
+        return 0.0
+    stale = router.policy_config.stale_after_s
+    summaries = [d for received, d in router.peer_summaries.values() if now - received <= stale]
+    refused = sum(float(d.get("unmet_tokens") or 0.0) for d in summaries)
+    return refused / (len(summaries) + 1) if refused > 0 else 0.0
+
+
 def scale_inputs(router: Router, now: float) -> tuple[ScaleInputs, dict[str, Any]]:
     """The inputs of `desired_engines` from the router's state, and facts to show beside them."""
     config = router.policy_config
@@ -165,6 +186,7 @@ def scale_inputs(router: Router, now: float) -> tuple[ScaleInputs, dict[str, Any
         capacity, source = None, "unknown"
     spilled, refused = router.unmet.peaks(now)
     inputs = ScaleInputs(
+        peer_unmet_tokens=peer_unmet_share(router, now),
         kv_in_use_tokens=in_use,
         waiting_tokens=waiting,
         queued_tokens=float(router.queued_tokens),
@@ -193,6 +215,7 @@ def scale_report(router: Router, now: float) -> dict[str, Any]:
         "queued_tokens": round(inputs.queued_tokens),
         "spilled_tokens": round(inputs.spilled_tokens),
         "refused_tokens": round(inputs.refused_tokens),
+        "peer_unmet_tokens": round(inputs.peer_unmet_tokens),
         "capacity_per_engine_tokens": None if cap is None else round(cap),
         "target_fill": TARGET_FILL,
         "window_s": router.unmet.window_s,

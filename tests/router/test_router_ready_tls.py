@@ -165,6 +165,7 @@ def test_scale_report_from_router_state(tmp_path):
         "queued_tokens": 300,
         "spilled_tokens": 600,
         "refused_tokens": 200,
+        "peer_unmet_tokens": 0,
         "capacity_per_engine_tokens": 1536,
         "target_fill": 0.75,
         "window_s": 60.0,
@@ -179,6 +180,29 @@ def test_scale_report_from_router_state(tmp_path):
     one.record(_sample(96, 0.5, waiting=1, at=now))
     two.record(_sample(96, 0.25, waiting=0, at=now))
     assert scale_report(router, now)["refused_tokens"] == 0
+
+
+def test_an_idle_region_takes_a_share_of_what_its_peers_refused(tmp_path):
+    """DNS does not send clients to a region at zero engines; it warms up when its peers run out of
+    room: their summaries carry what they refused, split evenly over the regions."""
+    from gpufleet.serving.router.scale import scale_report
+
+    fleet = load_fleet(_one_region_fleet(tmp_path, engines=("http://10.0.0.1:8000",)))
+    now = 1000.0
+    router = Router(build_config(fleet, AWS, ENV), clock=lambda: now)
+    assert scale_report(router, now)["desired_engines"] == 0
+    router.peer_summaries["peer-a"] = (now - 1, {"unmet_tokens": 9000.0})
+    router.peer_summaries["peer-b"] = (now - 1, {"unmet_tokens": 0.0})
+    router.peer_summaries["peer-old"] = (now - 60, {"unmet_tokens": 50_000.0})  # stale: ignored
+    report = scale_report(router, now)
+    assert report["peer_unmet_tokens"] == 3000  # 9000 over 3 regions (this one and two fresh peers)
+    assert report["desired_engines"] == 1
+    router.drained_regions.add(AWS)  # a drained region does not wake for its peers
+    assert scale_report(router, now)["peer_unmet_tokens"] == 0
+    # The summary publishes the refused peak for the peers.
+    router.drained_regions.discard(AWS)
+    router.unmet.refused(700, now)
+    assert router.local_summary(now)["unmet_tokens"] == 700
 
 
 # ---- /ready and /scale over sockets --------------------------------------------------------------
