@@ -16,6 +16,7 @@ CLI turns it into exit 2.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,9 @@ class StackInfo:
     kind: str  # "cdktf" or "plan"
     provider_regions: dict[str, str] = field(default_factory=dict)
     provider_default_tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    # plans only: each resource's configuration expressions (address without index -> attribute ->
+    # {"constant_value": ...} or {"references": [...]}), to tell a literal from a computed value
+    config_expressions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -320,6 +324,9 @@ def _parse_plan(doc: dict[str, Any], path: Path, stack: str) -> Inputs:
         raise InputError(f"{path}: `resource_changes` must be a list (the `show -json` plan format)")
     info = StackInfo(name=stack, source=str(path), kind="plan")
     _plan_provider_context(doc, info)
+    config = doc.get("configuration")
+    if isinstance(config, dict):
+        _plan_expressions(config.get("root_module"), "", info.config_expressions)
     changes: list[ResourceChange] = []
     for i, rc in enumerate(rcs):
         where = f"{path}: resource_changes[{i}]"
@@ -373,6 +380,22 @@ def _plan_provider_context(doc: dict[str, Any], info: StackInfo) -> None:
         )
         if isinstance(region, str):
             info.provider_regions[str(cfg.get("name", key))] = region
+
+
+def _plan_expressions(module: Any, prefix: str, out: dict[str, dict[str, Any]]) -> None:
+    if not isinstance(module, dict):
+        return
+    for r in module.get("resources") or []:
+        if isinstance(r, dict) and isinstance(r.get("address"), str) and isinstance(r.get("expressions"), dict):
+            out[prefix + r["address"]] = r["expressions"]
+    for name, call in (module.get("module_calls") or {}).items():
+        if isinstance(call, dict):
+            _plan_expressions(call.get("module"), f"{prefix}module.{name}.", out)
+
+
+def config_address(address: str) -> str:
+    """module.a["x"].google_kms_key_ring.r[0] -> module.a.google_kms_key_ring.r (the configuration's)."""
+    return re.sub(r"\[[^\]]*\]", "", address)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ _EFFECTS = {
 }
 
 
-def _effect(raw: Any) -> str:
+def effect_name(raw: Any) -> str:
+    """A taint effect in Kubernetes spelling (NO_SCHEDULE, as EKS writes it, -> NoSchedule)."""
     text = str(raw or "")
     return _EFFECTS.get(text.upper().replace("-", "_"), text)
 
@@ -208,7 +209,7 @@ class Topology:
             None
             if _unknown(rc, "taint")
             else [
-                Taint(str(t.get("key")), t.get("value"), _effect(t.get("effect")))
+                Taint(str(t.get("key")), t.get("value"), effect_name(t.get("effect")))
                 for t in blocks(v.get("taint"))
             ]
         )
@@ -273,7 +274,7 @@ class Topology:
             None
             if _unknown(rc, "node_config")
             else [
-                Taint(str(t.get("key")), t.get("value"), _effect(t.get("effect")))
+                Taint(str(t.get("key")), t.get("value"), effect_name(t.get("effect")))
                 for t in blocks(node.get("taint"))
             ]
         )
@@ -313,7 +314,7 @@ class Topology:
             lo = hi = _int(v.get("node_count"))
         taints = None
         if not _unknown(rc, "node_taints"):
-            taints = [_parse_k8s_taint(t) for t in (_str_list(v.get("node_taints")) or [])]
+            taints = [parse_k8s_taint(t) for t in (_str_list(v.get("node_taints")) or [])]
         capacity = "spot" if str(v.get("priority", "")).lower() == "spot" else "on-demand"
         if v.get("capacity_reservation_group_id"):
             capacity = "reservation"
@@ -343,13 +344,13 @@ def _unknown(rc: ResourceChange, key: str) -> bool:
     return rc.after is not None and rc.after_unknown.get(key) is True
 
 
-def _parse_k8s_taint(text: str) -> Taint:
+def parse_k8s_taint(text: str) -> Taint:
     # "key=value:Effect" or "key:Effect"
     body, _, effect = text.rpartition(":")
     if not body:
         return Taint(text, None, "")
     key, _, value = body.partition("=")
-    return Taint(key, value or None, _effect(effect))
+    return Taint(key, value or None, effect_name(effect))
 
 
 def _gpu_from_accelerator(accel: str | None) -> str | None:

@@ -63,14 +63,17 @@ def check(
     checkov_binary: str | None = None,
     today: dt.date | None = None,
 ) -> Result:
-    """Raises InputError for unusable input and CheckovUnavailable when checkov cannot run."""
+    """Raises InputError for unusable input and CheckovUnavailable when checkov cannot run.
+
+    `today` is the day waiver expiries and Kubernetes support windows (GPU012) are judged on."""
     started = time.perf_counter()
     inputs = load(paths)
     if isinstance(capacity, Path):
         capacity = load_capacity(capacity)
     if isinstance(waivers, Path):
         waivers = load_waivers(waivers)
-    ctx = Context(inputs=inputs, fleet=fleet, capacity=capacity)
+    today = today or dt.date.today()
+    ctx = Context(inputs=inputs, fleet=fleet, capacity=capacity, today=today)
     findings = policies.evaluate(ctx)
     checkov_state = "skipped"
     if run_checkov:
@@ -78,7 +81,7 @@ def check(
 
         findings.extend(_run(inputs, checkov_binary))
         checkov_state = "ran"
-    findings, unused = apply_waivers(findings, waivers or [], today or dt.date.today())
+    findings, unused = apply_waivers(findings, waivers or [], today)
     return Result(
         inputs=inputs,
         findings=findings,

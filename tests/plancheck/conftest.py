@@ -4,6 +4,7 @@ back into a cdktf.out directory, and ONE synthesis of the example fleet per test
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ CDKTF_OUT = FIXTURES / "cdktf.out"
 PLANS = FIXTURES / "plans"
 SNAPSHOT = FIXTURES / "capacity-snapshot.json"
 REPO = Path(__file__).resolve().parents[2]
+# The day the tests judge Kubernetes support windows (GPU012) on: the catalog's dates do not age them.
+TODAY = dt.date(2026, 12, 6)
 
 
 def stack_docs() -> dict[str, dict]:

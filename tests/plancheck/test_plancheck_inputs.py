@@ -28,6 +28,8 @@ def test_cdktf_out_directory_becomes_create_changes():
         "gcp-us-central1-cluster",
         "azure-westeurope-cluster",
         "aws-us-east-1-serving",
+        "aws-us-east-1-addons",
+        "azure-westeurope-addons",
     }
     assert all(c.actions == ("create",) and c.before is None for c in inputs.changes)
     pool = next(c for c in inputs.changes if c.address == "aws_eks_node_group.cluster_gpu-pool")

@@ -9,7 +9,7 @@ from gpufleet.stacks.fleetfile import parse_fleet
 from gpufleet.stacks.plancheck.policies import POLICIES, SEVERITIES, Finding
 from gpufleet.stacks.plancheck.run import check
 
-from .conftest import PLANS, REPO, SNAPSHOT, resource, stack_docs, write_out
+from .conftest import PLANS, REPO, SNAPSHOT, TODAY, resource, stack_docs, write_out
 
 AWS, GCP, AZ, SRV = (
     "aws-us-east-1-cluster",
@@ -26,7 +26,7 @@ def docs():
 
 def run(tmp_path: Path, docs, fleet=None, capacity: Path | None = SNAPSHOT) -> list[Finding]:
     out = write_out(tmp_path / "cdktf.out", docs)
-    return check([out], fleet=fleet, capacity=capacity, run_checkov=False).findings
+    return check([out], fleet=fleet, capacity=capacity, run_checkov=False, today=TODAY).findings
 
 
 def of(findings: list[Finding], pid: str) -> list[Finding]:
@@ -42,14 +42,18 @@ def fleet_with(**replace: str):
 
 
 def test_every_policy_is_documented():
-    assert [p for p in POLICIES] == [f"GPU{i:03d}" for i in range(1, 12)]
+    assert [p for p in POLICIES] == [f"GPU{i:03d}" for i in range(1, 20)]
     for p in POLICIES.values():
         assert p.severity in SEVERITIES and len(p.rationale) > 80 and p.fix and p.title
 
 
 def test_the_compliant_fixture_passes_every_policy(tmp_path, docs, example_fleet):
     result = check(
-        [write_out(tmp_path / "o", docs)], fleet=example_fleet, capacity=SNAPSHOT, run_checkov=False
+        [write_out(tmp_path / "o", docs)],
+        fleet=example_fleet,
+        capacity=SNAPSHOT,
+        run_checkov=False,
+        today=TODAY,
     )
     assert result.findings == [] and result.skipped_policies == [] and result.passed
 
@@ -344,12 +348,14 @@ def test_gpu011_deleting_a_cluster_is_critical():
 
 @pytest.mark.parametrize("kind", ["create", "update"])
 def test_gpu011_create_and_update_are_not_destructive(kind):
-    result = check([PLANS / f"aws-us-east-1-cluster.{kind}.json"], run_checkov=False)
+    result = check([PLANS / f"aws-us-east-1-cluster.{kind}.json"], run_checkov=False, today=TODAY)
     assert of(result.findings, "GPU011") == []
     assert result.findings == []  # the plan fixtures are otherwise compliant too
 
 
 def test_plans_are_checked_like_stacks():
     # an update that grows the pool past the snapshot's quota is caught in the plan
-    result = check([PLANS / "aws-us-east-1-cluster.update.json"], capacity=SNAPSHOT, run_checkov=False)
+    result = check(
+        [PLANS / "aws-us-east-1-cluster.update.json"], capacity=SNAPSHOT, run_checkov=False, today=TODAY
+    )
     assert [f.policy for f in result.findings] == ["GPU004"]
