@@ -25,6 +25,7 @@ from gpufleet.cli.common import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
     console,
+    error,
     fail,
 )
 
@@ -234,7 +235,7 @@ def _print_scan(snap, result) -> None:
     for r in rows:
         q = r.quota.get("on-demand")
         if q is None:
-            quota = "-"
+            quota = "unknown" if r.offered else "-"
         else:
             used = "?" if q.used is None else f"{q.used:g}"
             quota = f"{used}/{q.limit:g} {q.unit}s"
@@ -303,7 +304,7 @@ def place_cmd(
             exclude = fleet_regions(write)
         except FleetWriteError as exc:
             for p in exc.problems:
-                err.print(f"[bold red]error:[/] {p}", markup=True)
+                error(err, p)
             fail(str(exc))
     try:
         placement = place(snap, gpu_key, gpus, tier=tier, max_price=max_price, clouds=wanted, exclude=exclude)
@@ -357,7 +358,7 @@ def place_cmd(
             append_to_fleet(write, placement, taken_at=snap.taken_at)
         except FleetWriteError as exc:
             for p in exc.problems:
-                err.print(f"[bold red]error:[/] {p}", markup=True)
+                error(err, p)
             fail(str(exc))
         err.print(f"added {len(placement.picks)} region(s) to {write}")
 

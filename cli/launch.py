@@ -17,7 +17,14 @@ from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_ENVIRONMENT,
 
 
 def launch(
-    fleet: Path = typer.Option(DEFAULT_FLEET, "--fleet", "-f", envvar="GPUFLEET_FLEET", help="fleet file"),
+    ctx: typer.Context,
+    fleet: Path = typer.Option(
+        DEFAULT_FLEET,
+        "--fleet",
+        "-f",
+        envvar="GPUFLEET_FLEET",  # launcher.FLEET_ENV; the serving image sets it to /etc/gpufleet/fleet.yaml
+        help="fleet file",
+    ),
     model: str | None = typer.Option(
         None,
         "--model",
@@ -52,8 +59,13 @@ def launch(
 ) -> None:
     """Probe the GPUs, size the engine for them, print the plan and exec vllm serve."""
     from gpufleet.serving.gpu_probe import ProbeError, probe
-    from gpufleet.serving.launcher import LaunchError, plan_launch
+    from gpufleet.serving.launcher import LaunchError, missing_fleet, plan_launch
 
+    if not fleet.exists():
+        # by name: Typer carries its own copy of click's ParameterSource enum
+        source = getattr(ctx.get_parameter_source("fleet"), "name", "")
+        given_by = {"COMMANDLINE": "--fleet", "ENVIRONMENT": "env"}.get(source, "default")
+        fail(missing_fleet(fleet, given_by), EXIT_BAD_INPUT)
     spec = load_fleet_or_exit(fleet)
     try:
         found = probe(probe_file)

@@ -1,5 +1,8 @@
 """gpufleet plan-check: the GPU policy pack (+ checkov) over synthesized stacks or `show -json` plans.
 
+Without --waivers, `waivers.yaml` in the working directory is used (--no-waivers: none); without
+--fleet, the fleet file `gpufleet synth` recorded in the synthesized folder. The report names both.
+
 Exit codes: 0 clean, 1 violations at or above --fail-on (or an expired waiver), 2 bad input
 (a path, plan, fleet file, snapshot or waiver file that cannot be used), 3 checkov missing or broken.
 """
@@ -34,7 +37,10 @@ def register(app: typer.Typer) -> None:
             ..., help="cdktf.out directories, cdk.tf.json files, or plans from `tofu show -json PLAN`"
         ),
         fleet_file: Path | None = typer.Option(
-            None, "--fleet", help="fleet file: enables the budget (GPU006) and tag (GPU007) policies"
+            None,
+            "--fleet",
+            help="fleet file: enables the budget (GPU006) and tag (GPU007) policies; default: the one "
+            "`gpufleet synth` recorded in the synthesized folder (gpufleet.json)",
         ),
         capacity: Path | None = typer.Option(
             None,
@@ -42,7 +48,12 @@ def register(app: typer.Typer) -> None:
             help="capacity snapshot (`gpufleet capacity scan --out`): quota and zone checks",
         ),
         waivers: Path | None = typer.Option(
-            None, "--waivers", help="waiver file (YAML; see docs/plan-check.md)"
+            None,
+            "--waivers",
+            help="waiver file (YAML; see docs/plan-check.md); default: waivers.yaml in the working directory",
+        ),
+        no_waivers: bool = typer.Option(
+            False, "--no-waivers", help="use no waiver file, not even waivers.yaml in the working directory"
         ),
         fmt: Format = typer.Option(Format.table, "--format", help="output format"),
         output: Path | None = typer.Option(
@@ -65,17 +76,24 @@ def register(app: typer.Typer) -> None:
         from gpufleet.stacks.plancheck import report
         from gpufleet.stacks.plancheck.checkov import CheckovUnavailable
         from gpufleet.stacks.plancheck.inputs import InputError
-        from gpufleet.stacks.plancheck.run import check
+        from gpufleet.stacks.plancheck.run import Sources, check, find_waivers, recorded_fleet
 
-        fleet = load_fleet_or_exit(fleet_file) if fleet_file is not None else None
+        if waivers is not None and no_waivers:
+            fail("--waivers and --no-waivers contradict each other: give one", EXIT_BAD_INPUT)
+        waiver_file, waivers_line = find_waivers(waivers, skip=no_waivers)
+        if fleet_file is not None:
+            fleet, fleet_line, notes = load_fleet_or_exit(fleet_file), f"{fleet_file} (--fleet)", []
+        else:
+            fleet, fleet_line, notes = recorded_fleet(list(paths))
         try:
             result = check(
                 list(paths),
                 fleet=fleet,
                 capacity=capacity,
-                waivers=waivers,
+                waivers=waiver_file,
                 fail_on=fail_on.value,
                 run_checkov=not skip_checkov,
+                sources=Sources(fleet=fleet_line, waivers=waivers_line, notes=notes),
             )
         except InputError as exc:
             fail(str(exc), EXIT_BAD_INPUT)

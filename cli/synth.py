@@ -1,4 +1,7 @@
-"""gpufleet synth: the fleet file to Terraform JSON, one stack per (cloud, region), into cdktf.out/."""
+"""gpufleet synth: the fleet file to Terraform JSON, one stack per (cloud, region), into cdktf.out/.
+
+cdktf.out/gpufleet.json records which fleet file that was, for `gpufleet plan-check` without --fleet.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def register(app: typer.Typer) -> None:
         except ImportError as exc:
             need_extra("cdk", exc)
         try:
-            rows = synth_fleet(fleet, out, image=image, progress=progress)
+            rows = synth_fleet(fleet, out, image=image, progress=progress, fleet_path=fleet_file)
         except ImportError as exc:  # a provider package missing from the 'cdk' extra
             need_extra("cdk", exc)
         except ValueError as exc:  # a fleet the clouds cannot build, e.g. one AWS zone for EKS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpufleet.serving.gpu_probe import GpuInfo
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
 VLLM_PORT = 8000  # vLLM's default; the Kubernetes probes and Services use the same number
 DEFAULT_UTILIZATION = 0.9
+# The fleet file without --fleet. The serving image sets it (serving/Dockerfile), because
+# `docker run <image> --region X` replaces CMD: a --fleet there would be lost.
+FLEET_ENV = "GPUFLEET_FLEET"
+IMAGE_FLEET = "/etc/gpufleet/fleet.yaml"
 
 
 class LaunchError(Exception):
@@ -50,6 +55,18 @@ class LaunchPlan:
                 f"free {g.free_bytes / 1024**3:.1f} GiB"
             )
         return lines + list(self.notes) + self.engine.explain()
+
+
+def missing_fleet(path: Path, given_by: str) -> str:
+    """What to say when the fleet file is not there. `given_by`: "--fleet", "env" or "default"."""
+    if given_by == "--fleet":
+        return f"fleet file {path} (--fleet) does not exist"
+    origin = f"from {FLEET_ENV}" if given_by == "env" else f"the default; --fleet or {FLEET_ENV} names another"
+    return (
+        f"fleet file {path} does not exist ({origin}): mount it, e.g. `docker run -v "
+        f"$PWD/fleet.yaml:{IMAGE_FLEET} <image> --region <id>` (on Kubernetes the serving stacks mount it "
+        "from a ConfigMap)"
+    )
 
 
 def select_model(fleet: Fleet, model: str | None, region: str | None) -> tuple[ModelSpec, Region | None]:

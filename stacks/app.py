@@ -3,7 +3,8 @@
 Synthesizes the fleet file named by GPUFLEET_FLEET (default ./fleet.yaml) into the output folder the
 cdktn CLI chooses (CDKTF_OUTDIR), or cdktf.out/ when run by hand. GPUFLEET_IMAGE, when set, overrides
 the fleet's serving.image (as `gpufleet synth --image` does). A bad fleet file prints its problems
-and exits 2, like `gpufleet validate`.
+and exits 2, like `gpufleet validate`. Like `gpufleet synth`, it records the fleet file in
+<outdir>/gpufleet.json.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 def main() -> int:
     from gpufleet.stacks.fleetfile import FleetFileError, load_fleet
-    from gpufleet.stacks.synth import build_app
+    from gpufleet.stacks.synth import build_app, write_fleet_record
 
     path = Path(os.environ.get("GPUFLEET_FLEET", "fleet.yaml"))
     try:
@@ -32,6 +33,8 @@ def main() -> int:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2
     app.synth()
+    # as `gpufleet synth` does: plan-check without --fleet finds the fleet file through it
+    write_fleet_record(os.environ.get("CDKTF_OUTDIR") or "cdktf.out", path)
     return 0
 
 

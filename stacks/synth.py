@@ -7,6 +7,7 @@ cdktn and the providers are imported inside the functions: importing them costs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +27,9 @@ DEFAULT_OUTDIR = Path("cdktf.out")
 # validates backend features against these (cdktf.json `targetVersions` would set the same).
 TARGET_VERSIONS = {"terraform": ">=1.10.0", "opentofu": ">=1.10.0"}
 STATE_DIR_NAME = "terraform-state"  # local backend: beside the output folder, so a re-synth keeps it
+# Beside manifest.json: which fleet file the output was synthesized from (plan-check reads it).
+FLEET_RECORD = "gpufleet.json"
+FLEET_RECORD_SCHEMA = "gpufleet.synth/v1"
 Progress = Callable[[str], None]
 
 
@@ -159,8 +163,11 @@ def synth_fleet(
     *,
     image: str | None = None,
     progress: Progress | None = None,
+    fleet_path: str | Path | None = None,
 ) -> list[StackSummary]:
-    """Synthesize the fleet into `outdir` (stale stacks removed) and summarize what was written."""
+    """Synthesize the fleet into `outdir` (stale stacks removed) and summarize what was written.
+
+    `fleet_path`, the file `fleet` was read from, is recorded in `outdir/gpufleet.json`."""
     from gpufleet.modules.k8s_objects import serving_image
 
     serving_image(fleet, image)  # refuse a missing or registry-less image before touching `outdir`
@@ -168,10 +175,65 @@ def synth_fleet(
     stacks_dir = out / "stacks"
     if stacks_dir.is_dir():
         shutil.rmtree(stacks_dir)  # a region removed from the fleet must not leave its stack behind
+    (out / FLEET_RECORD).unlink(missing_ok=True)  # nor an earlier synthesis its fleet record
     app, _ = build_app(fleet, out, image=image, progress=progress)
     (progress or (lambda _m: None))(f"writing Terraform JSON to {out}/")
     app.synth()
+    if fleet_path is not None:
+        write_fleet_record(out, fleet_path)
     return summarize(out)
+
+
+@dataclass(frozen=True)
+class FleetRecord:
+    """`gpufleet.json` of a synthesized folder: the fleet file it came from, and that file's hash."""
+
+    record: Path  # the record file
+    fleet: Path  # the fleet file, resolved against the record's folder
+    sha256: str
+
+    @property
+    def changed(self) -> bool:
+        """True when the fleet file no longer holds what was synthesized (False when it is missing)."""
+        return self.fleet.is_file() and _sha256(self.fleet) != self.sha256
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_fleet_record(outdir: str | Path, fleet_path: str | Path) -> Path:
+    """Record which fleet file `outdir` was synthesized from: its path relative to `outdir` (so the
+    pair can move together, e.g. a checkout in CI) and its sha256."""
+    out, src = Path(outdir), Path(fleet_path)
+    doc = {
+        "schema": FLEET_RECORD_SCHEMA,
+        "fleet": Path(os.path.relpath(src.resolve(), out.resolve())).as_posix(),
+        "sha256": _sha256(src),
+    }
+    path = out / FLEET_RECORD
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_fleet_record(outdir: str | Path) -> FleetRecord | None:
+    """The record of `outdir`, None where there is none; ValueError (one line) for a record that
+    cannot be used."""
+    path = Path(outdir) / FLEET_RECORD
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot be read ({exc})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("schema") != FLEET_RECORD_SCHEMA
+        or not isinstance(doc.get("fleet"), str)
+        or not isinstance(doc.get("sha256"), str)
+    ):
+        raise ValueError(f"{path}: is not a {FLEET_RECORD_SCHEMA} record (schema, fleet, sha256)")
+    return FleetRecord(record=path, fleet=(path.parent / doc["fleet"]).resolve(), sha256=doc["sha256"])
 
 
 def summarize(outdir: str | Path) -> list[StackSummary]:

@@ -7,6 +7,10 @@ Calls (FACTS.md section 3), per region:
   cloudwatch.get_metric_data on the quota's UsageMetric (AWS/Usage ResourceCount) the vCPUs in use
 and once per scan ec2.describe_regions and ec2.get_spot_placement_scores.
 Credentials and endpoints come from boto3's standard chain (profiles, environment, AWS_ENDPOINT_URL).
+
+A region whose offerings were read keeps them when a quota or usage call fails (IAM without
+servicequotas:*, moto server's 500 for GetAWSDefaultServiceQuota): the quota is reported unknown
+with the reason, and the cloud's status is partial.
 """
 
 from __future__ import annotations
@@ -127,6 +131,7 @@ class AwsAdapter:
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()  # boto3 sessions are not thread-safe when creating clients
         self._types = {g: catalog.instances_for_gpu("aws", g) for g in opts.gpus}
+        self._unknown: list[str] = []  # "<region>: what could not be read", for the cloud's notes
         # Calls inside one region that can overlap; a separate pool, so region workers that wait on it
         # can never starve it (they do not run in it).
         self._pool = ThreadPoolExecutor(max_workers=max(2, opts.concurrency), thread_name_prefix="aws-calls")
@@ -209,11 +214,16 @@ class AwsAdapter:
         codes = sorted({c for name in zones for c in catalog.instance_type("aws", name).quota.values()})
         shapes: dict[str, tuple[int, int, str]] = {}
         quotas: dict[str, dict[str, Any]] = {}
+        failed: dict[str, CloudError] = {}  # quota code -> why it could not be read
         if zones:
             shapes_f = self._pool.submit(self._shapes, ec2, sorted(zones))
             quota_f = {code: self._pool.submit(self._quota, region, code) for code in codes}
             shapes = shapes_f.result()
-            quotas = {code: f.result() for code, f in quota_f.items()}
+            for code, f in quota_f.items():
+                try:
+                    quotas[code] = f.result()
+                except CloudError as exc:  # the offerings above stay: only this quota is unknown
+                    failed[code] = exc
         rows = []
         for g, its in self._types.items():
             row = RegionCapacity("aws", region, g)
@@ -236,12 +246,15 @@ class AwsAdapter:
                 )
             row.instance_type = choose_instance(row.offers)
             rows.append(row)
-        self._fill_quotas(region, [r for r in rows if r.offered], quotas)
+        self._fill_quotas(region, [r for r in rows if r.offered], quotas, failed)
         return rows
 
     def finish(self, rows, cloud_results, cloud_errors):
         self._pool.shutdown(wait=False)
         result = CloudResult("aws")
+        if self._unknown:
+            result.status = "partial"
+            result.notes.extend(sorted(set(self._unknown)))
         for key, err in cloud_errors.items():
             # Spot scores need ec2:GetSpotPlacementScores; without it the scan is still useful.
             result.notes.append(f"spot placement scores not read ({key}): {err.message}")
@@ -281,16 +294,37 @@ class AwsAdapter:
         return doc["Quota"]
 
     def _fill_quotas(
-        self, region: str, rows: list[RegionCapacity], quotas: dict[str, dict[str, Any]]
+        self,
+        region: str,
+        rows: list[RegionCapacity],
+        quotas: dict[str, dict[str, Any]],
+        failed: dict[str, CloudError],
     ) -> None:
-        """Quota limits (service-quotas) and usage (CloudWatch) converted to GPUs of each row's instance."""
+        """Quota limits (service-quotas) and usage (CloudWatch) converted to GPUs of each row's instance.
+
+        A quota in `failed` stays out of the row (unknown: obtainable counts 0) with a note saying why."""
         if not rows:
             return
-        used = self._usage(region, quotas)
+        try:
+            used = self._usage(region, quotas)
+        except CloudError as exc:
+            # The limits are still worth having; `used` None is what the table shows as "?".
+            used = {}
+            self._unknown.append(f"{region}: vCPU usage unknown ({exc.message}); quota limits kept")
+            for row in rows:
+                row.notes.append(f"vCPU usage unknown ({exc.message}): free GPUs assume none in use")
         for row in rows:
             it = catalog.instance_type("aws", row.instance_type)
             offer = row.offer
             for tier_key, code in it.quota.items():
+                if code in failed:
+                    why = failed[code].message
+                    row.notes.append(
+                        f"{TIERS[tier_key]} quota unknown ({code}: {why}); offerings kept, obtainable GPUs "
+                        "count 0 until the quota can be read"
+                    )
+                    self._unknown.append(f"{region}: quota {code} unknown ({why}); offerings kept")
+                    continue
                 q = quotas.get(code)
                 if q is None:
                     continue

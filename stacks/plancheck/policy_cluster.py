@@ -240,6 +240,12 @@ def _api_endpoint(ctx: Context) -> Iterator[Finding]:
             'gcp: database_encryption {state = "ENCRYPTED", key_name}; '
             "azure: key_management_service {key_vault_key_id}"
         ),
+        fix_by_cloud={
+            "aws": 'encryption_config {resources = ["secrets"], provider {key_arn}} on the EKS cluster; '
+            "encrypted = true on EBS volumes (launch template block_device_mappings.ebs, aws_ebs_volume)",
+            "gcp": 'database_encryption {state = "ENCRYPTED", key_name = <a Cloud KMS key>} on the GKE cluster',
+            "azure": "key_management_service {key_vault_key_id = <a Key Vault key>} on the AKS cluster",
+        },
     )
 )
 def _encryption(ctx: Context) -> Iterator[Finding]:
@@ -250,23 +256,27 @@ def _encryption(ctx: Context) -> Iterator[Finding]:
         if rc.type == "aws_eks_cluster":
             covered = {str(r) for e in blocks(v.get("encryption_config")) for r in (e.get("resources") or [])}
             if "secrets" not in covered:
-                yield finding("GPU009", rc, "EKS cluster does not envelope-encrypt secrets (no encryption_config)")
+                yield finding(
+                    "GPU009", rc, "EKS cluster does not envelope-encrypt secrets (no encryption_config)", cloud="aws"
+                )
         elif rc.type == "google_container_cluster":
             state = dig(v, "database_encryption", "state")
             if str(state or "").upper() != "ENCRYPTED":
-                yield finding("GPU009", rc, f"GKE cluster database_encryption state is {state or 'unset'}")
+                yield finding("GPU009", rc, f"GKE cluster database_encryption state is {state or 'unset'}", cloud="gcp")
         elif rc.type == "azurerm_kubernetes_cluster":
             if not dig(v, "key_management_service", "key_vault_key_id") and not _unknown_block(
                 rc, "key_management_service"
             ):
-                yield finding("GPU009", rc, "AKS cluster has no key_management_service for etcd secrets")
+                yield finding("GPU009", rc, "AKS cluster has no key_management_service for etcd secrets", cloud="azure")
         elif rc.type == "aws_launch_template":
             for m in blocks(v.get("block_device_mappings")):
                 for ebs in blocks(m.get("ebs")):
                     if not truthy(ebs.get("encrypted")) and not ebs.get("snapshot_id"):
-                        yield finding("GPU009", rc, f"EBS volume {m.get('device_name', '?')} is not encrypted")
+                        yield finding(
+                            "GPU009", rc, f"EBS volume {m.get('device_name', '?')} is not encrypted", cloud="aws"
+                        )
         elif rc.type == "aws_ebs_volume" and not truthy(v.get("encrypted")):
-            yield finding("GPU009", rc, "EBS volume is not encrypted")
+            yield finding("GPU009", rc, "EBS volume is not encrypted", cloud="aws")
 
 
 def _unknown_block(rc: ResourceChange, key: str) -> bool:

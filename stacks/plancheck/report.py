@@ -78,6 +78,8 @@ def summary(result: Result) -> dict[str, Any]:
         "by_severity": result.counts(),
         "checkov": result.checkov,
         "seconds": round(result.seconds, 3),
+        "fleet": result.sources.fleet,
+        "waivers": result.sources.waivers,
     }
 
 
@@ -88,6 +90,7 @@ def to_json(result: Result) -> dict[str, Any]:
         "waived": [_finding_dict(f) for f in _sorted(result.waived)],
         "skipped_policies": result.skipped_policies,
         "unused_waivers": [w.label for w in result.unused_waivers],
+        "notes": result.sources.notes,
         "stacks": {
             name: {"source": s.source, "kind": s.kind} for name, s in sorted(result.inputs.stacks.items())
         },
@@ -230,6 +233,9 @@ def to_sarif(result: Result) -> dict[str, Any]:
                             "checkov": result.checkov,
                             "fail_on": result.fail_on,
                             "skipped_policies": result.skipped_policies,
+                            "fleet": result.sources.fleet,
+                            "waivers": result.sources.waivers,
+                            "notes": result.sources.notes,
                         },
                     }
                 ],
@@ -300,6 +306,8 @@ def to_markdown(result: Result) -> str:
         f"{s['waived']} waived; failing at `--fail-on {result.fail_on}`: {s['failing']}; checkov "
         f"{result.checkov}.",
         "",
+        f"Fleet: {_md(result.sources.fleet)}. Waivers: {_md(result.sources.waivers)}.",
+        "",
     ]
     if result.violations:
         out += ["| severity | policy | stack | resource | finding |", "|---|---|---|---|---|"]
@@ -325,6 +333,8 @@ def to_markdown(result: Result) -> str:
         out.append(f"- not checked: {note}")
     for w in result.unused_waivers:
         out.append(f"- unused waiver: {w.label}")
+    for note in result.sources.notes:
+        out.append(f"- note: {_md(note)}")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -333,6 +343,7 @@ def to_markdown(result: Result) -> str:
 
 
 def print_table(result: Result, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     style = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan"}
@@ -353,7 +364,11 @@ def print_table(result: Result, console) -> None:
     for note in result.skipped_policies:
         console.print(f"[dim]not checked: {note}[/]")
     for w in result.unused_waivers:
-        console.print(f"[yellow]unused waiver:[/] {w.label}")
+        console.print(f"[yellow]unused waiver:[/] {escape(w.label)}")
+    for note in result.sources.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(f"fleet: {escape(result.sources.fleet)}")
+    console.print(f"waivers: {escape(result.sources.waivers)}")
     counts = (
         ", ".join(f"{n} {sev}" for sev, n in reversed(list(result.counts().items())) if n) or "no violations"
     )

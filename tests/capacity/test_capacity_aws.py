@@ -109,3 +109,68 @@ def test_no_credentials(clean_env):
     res = _scan(["us-east-1"])
     err = res.clouds["aws"].error
     assert err["kind"] == "no-credentials" and "aws configure" in err["message"]
+
+
+# -- a failed quota call keeps the offerings already read --------------------------------------------
+def _quota_unknown(row) -> bool:
+    return not row.quota and any("quota unknown" in n for n in row.notes)
+
+
+def test_moto_server_alone_lists_offerings_with_quota_unknown(aws_env, monkeypatch):
+    # Straight to moto server, no proxy: GetServiceQuota says NoSuchResource for ec2 and
+    # GetAWSDefaultServiceQuota answers 500 (not implemented in moto 5); GetSpotPlacementScores too.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_env.moto_url)
+    res = _scan(["us-east-1", "us-west-2"])
+    state = res.clouds["aws"]
+    assert state.status == "partial" and state.regions_scanned == 2 and not state.region_errors
+    rows = {r.region: r for r in res.rows}
+    assert set(rows) == {"us-east-1", "us-west-2"}
+    for region, row in rows.items():
+        assert row.instance_type == "p5.48xlarge" and row.zones, region
+        assert _quota_unknown(row) and row.obtainable() == 0, row.notes
+        assert any("GetAWSDefaultServiceQuota failed on the server side" in n for n in row.notes)
+    assert any(n.startswith("us-east-1: quota L-417A185B unknown") for n in state.notes)
+
+
+def test_quota_access_denied_keeps_offerings(aws_env):
+    aws_env.proxy.fault = capfakes.first_n(
+        100,
+        lambda r: capfakes.aws_json_error("AccessDeniedException", "not authorized to GetServiceQuota", 400),
+        lambda r: r.headers.get("x-amz-target", "").startswith("ServiceQuotasV20190624."),
+    )
+    res = _scan(["us-east-1"])
+    east = res.rows[0]
+    assert east.instance_type == "p5.48xlarge" and east.spot_score == 9  # offerings and scores kept
+    assert _quota_unknown(east)
+    assert any("access denied to GetServiceQuota" in n and "servicequotas:GetServiceQuota" in n for n in east.notes)
+    assert res.clouds["aws"].status == "partial"
+
+
+def test_usage_denied_keeps_limits_with_usage_unknown(aws_env):
+    aws_env.proxy.fault = capfakes.first_n(
+        100,
+        lambda r: capfakes.aws_query_error("AccessDenied", "no cloudwatch", 403),
+        lambda r: capfakes.aws_action(r) == "GetMetricData",
+    )
+    res = _scan(["us-east-1"])
+    q = res.rows[0].quota["on-demand"]
+    assert (q.limit, q.used) == (384.0, None)
+    assert any("vCPU usage unknown" in n for n in res.rows[0].notes)
+    assert res.clouds["aws"].status == "partial"
+
+
+def test_cli_scan_against_moto_server_shows_p5_with_quota_unknown(aws_env, monkeypatch, clean_env):
+    import json
+
+    from gpufleet.cli.app import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_env.moto_url)
+    args = ["capacity", "scan", "--gpu", "H100-80GB", "--clouds", "aws", "--regions", "us-east-1,us-west-2"]
+    res = CliRunner().invoke(app, [*args, "--json", "--attempts", "2"])
+    assert res.exit_code == 1, res.output  # partial: the quota could not be read
+    doc = json.loads(res.stdout)
+    rows = {r["region"]: r for r in doc["regions"]}
+    assert {r["instance_type"] for r in rows.values()} == {"p5.48xlarge"}
+    assert all(r["offered"] and r["quota"] == {} for r in rows.values())
+    assert "quota L-417A185B unknown" in res.stderr and "Traceback" not in res.output

@@ -268,3 +268,63 @@ def test_dry_run_end_to_end_probe_file_and_refusal(tmp_path, repo_root):
     )
     assert shorter.returncode == 0, shorter.stderr
     assert "--max-model-len 32768" in shorter.stdout and "instead of 65536" in shorter.stdout
+
+
+def _dockerfile(repo_root) -> tuple[dict[str, str], list[str], list[str] | None]:
+    """The serving image's ENV, ENTRYPOINT and CMD (None when it has none), read from the Dockerfile."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(repo_root) / "serving" / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    entrypoint: list[str] = []
+    cmd = None
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+        elif word == "ENTRYPOINT":
+            entrypoint = json.loads(rest)
+        elif word == "CMD":
+            cmd = json.loads(rest)
+    return env, entrypoint, cmd
+
+
+def test_docker_run_image_with_region_only_finds_the_fleet(repo_root, example_fleet_path, tmp_path):
+    """`docker run <image> --region X` replaces CMD, so the image's fleet path must not live there."""
+    from pathlib import Path
+
+    from gpufleet.serving.launcher import FLEET_ENV, IMAGE_FLEET
+
+    env, entrypoint, cmd = _dockerfile(repo_root)
+    assert entrypoint == ["gpufleet", "engine", "launch"]
+    assert env.get(FLEET_ENV) == IMAGE_FLEET and (cmd is None or "--fleet" not in cmd)
+    # The container: the image's ENV with the fleet mounted at IMAGE_FLEET (here: a copy elsewhere), run
+    # in a folder without fleet.yaml (the image's WORKDIR, /home/gpufleet), with `--region` alone.
+    mounted = tmp_path / "etc-gpufleet" / "fleet.yaml"
+    mounted.parent.mkdir()
+    mounted.write_text(example_fleet_path.read_text())
+    home = tmp_path / "home"
+    home.mkdir()
+    run_env = {k: v for k, v in os.environ.items() if k not in (gpu_probe.FAKE_ENV, FLEET_ENV)}
+    run_env |= {k: v for k, v in env.items() if k not in ("HOME", "HF_HOME")} | {FLEET_ENV: str(mounted)}
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "total": H100_TOTAL, "free": H100_TOTAL}
+    run_env[gpu_probe.FAKE_ENV] = json.dumps([h100])
+    cli = [sys.executable, "-m", "gpufleet.cli.app", *entrypoint[1:]]
+    done = subprocess.run(
+        [*cli, *(cmd or []), "--region", "aws-us-east-1", "--dry-run"],
+        capture_output=True, text=True, env=run_env, cwd=home, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "model llama-3.1-8b (meta-llama/Llama-3.1-8B-Instruct) in aws-us-east-1" in done.stdout
+    # Nothing mounted: exit 2, naming the path, where it came from and how to mount it.
+    if Path(IMAGE_FLEET).exists():
+        pytest.skip(f"{IMAGE_FLEET} exists on this machine")
+    run_env[FLEET_ENV] = IMAGE_FLEET
+    missing = subprocess.run(
+        [*cli, "--region", "aws-us-east-1", "--dry-run"],
+        capture_output=True, text=True, env=run_env, cwd=home, timeout=120,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert f"fleet file {IMAGE_FLEET} does not exist (from {FLEET_ENV})" in missing.stderr
+    assert f"-v $PWD/fleet.yaml:{IMAGE_FLEET}" in missing.stderr and "Traceback" not in missing.stderr
