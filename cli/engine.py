@@ -41,6 +41,11 @@ def emulate(
         "--fault",
         help="Start with a fault: refuse[=SECONDS], hang, 503, slow=FACTOR, break-stream=N, garbage-metrics.",
     ),
+    enable_server_load_tracking: bool = typer.Option(
+        False,
+        "--enable-server-load-tracking",
+        help="GET /load counts requests in flight (vLLM's flag of the same name; off: it reports 0).",
+    ),
 ) -> None:
     """Serve vLLM's HTTP API and metrics from an emulated engine (paged KV cache, batching, preemption)."""
     if time_scale <= 0:
@@ -77,6 +82,7 @@ def emulate(
             time_scale=time_scale,
             admin_token=token,
             faults=fault,
+            enable_server_load_tracking=enable_server_load_tracking,
             announce=lambda line: typer.echo(line),
         )
     except EmulatorError as exc:

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-scale", type=float, default=1.0)
     ap.add_argument("--admin-token-env", default=None)
     ap.add_argument("--fault", action="append", default=[])
+    # vLLM's flag (vllm/entrypoints/openai/cli_args.py, off by default): GET /load counts requests
+    ap.add_argument("--enable-server-load-tracking", action="store_true")
     a = ap.parse_args(argv)
     from gpufleet.serving.engine.faults import FaultError
     from gpufleet.serving.engine.model import EngineConfig
@@ -46,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         serve_forever(
-            config, host=a.host, port=a.port, time_scale=a.time_scale, admin_token=token, faults=a.fault
+            config,
+            host=a.host,
+            port=a.port,
+            time_scale=a.time_scale,
+            admin_token=token,
+            faults=a.fault,
+            enable_server_load_tracking=a.enable_server_load_tracking,
         )
     except (EmulatorError, FaultError) as exc:
         print(f"error: {exc}", file=sys.stderr)

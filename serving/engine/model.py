@@ -14,7 +14,8 @@ vllm/v1/core/block_pool.py; FACTS.md section 1):
   their hash and sit in the free queue (LRU: freed blocks go to the tail, a request's blocks in
   reverse order so its tail is evicted first; allocation pops from the head and evicts the hash).
   A lookup is capped at `num_tokens - 1` tokens and counts `queries += num_tokens`,
-  `hits += cached tokens` for requests never preempted (as vLLM's PrefixCacheStats does).
+  `hits += cached tokens` EVERY time a waiting request is looked up: preempted requests again, and
+  a head that then does not fit (vLLM's KVCacheManager.get_computed_blocks).
 * Scheduling: running requests first (decode-first), each asking `num_tokens - num_computed` tokens
   capped by the remaining token budget (chunked prefill); when a block cannot be had the NEWEST
   running request is preempted by recompute (its blocks freed, `num_computed = 0`) and put at the
@@ -119,6 +120,8 @@ class ResolvedConfig:
     flops_s: float
     tp_allreduce_s: float
     cost: StepCost
+    model_path: str = ""  # what `vllm serve` was given (the HF id): /v1/models' root
+    num_gpu_blocks_override: int | None = None  # --num-gpu-blocks-override, when given
 
 
 def resolve(config: EngineConfig) -> ResolvedConfig:
@@ -187,6 +190,8 @@ def resolve(config: EngineConfig) -> ResolvedConfig:
         flops_s=gpu.bf16_tflops * 1e12,
         tp_allreduce_s=(2 * model.layers * cost.tp_allreduce_s_per_layer) if tp > 1 else 0.0,
         cost=cost,
+        model_path=model.hf_id,
+        num_gpu_blocks_override=config.num_gpu_blocks,
     )
 
 
@@ -404,6 +409,9 @@ class StepPlan:
     d: float
     slow: float = 1.0
     overlap: float = 1.0
+    # (tokens, hit tokens) of the waiting head looked up and left waiting: a window repeats the
+    # lookup every step, as vLLM's scheduler would (its hits are those of the first step)
+    lookup: tuple[int, int] | None = None
 
     @property
     def decode_window(self) -> bool:
@@ -474,7 +482,8 @@ class Engine:
 
     Public stats as attributes and `stats()`: kv_cache_usage, num_running, num_waiting,
     num_preemptions, prefix_cache_queries, prefix_cache_hits, num_free_blocks, num_gpu_blocks,
-    block_size. `on_event` (optional) receives every finished request for the metrics layer.
+    block_size. Listeners for the metrics layer: `finish_listeners` (each finished request),
+    `token_listeners` (each output), `step_listeners` (each commit).
     """
 
     def __init__(self, config: EngineConfig | ResolvedConfig | None = None, name: str = "engine") -> None:
@@ -498,7 +507,10 @@ class Engine:
         self.num_steps = 0
         self.busy_time = 0.0
         self.finish_listeners: list[Callable[[Request], None]] = []
-        self.step_listeners: list[Callable[[StepPlan, float], None]] = []
+        # (plan, end time, steps committed): after each commit
+        self.step_listeners: list[Callable[[StepPlan, float, int], None]] = []
+        # (request, new tokens, time, time of its previous token or None for its first): per output
+        self.token_listeners: list[Callable[[Request, int, float, float | None], None]] = []
         self.slowdown = 1.0  # fault injection: step time multiplier
 
     # -- public stats ---------------------------------------------------------------------------
@@ -544,14 +556,22 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     def validate(self, prompt_len: int, max_tokens: int) -> str | None:
-        """Why vLLM would reject this request up front, or None."""
+        """Why vLLM would reject this request up front, or None. The texts are vLLM 0.11's
+        (vllm/entrypoints/openai/serving_engine.py, OpenAIServing._validate_input); the HTTP face
+        words them per endpoint as vLLM does (server.py) before this guard is reached."""
+        limit = self.cfg.max_model_len
         if prompt_len < 1:
             return "the prompt is empty"
-        if prompt_len + max_tokens > self.cfg.max_model_len:
+        if prompt_len >= limit:
             return (
-                f"This model's maximum context length is {self.cfg.max_model_len} tokens. However, you "
-                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} "
-                "in the completion). Please reduce the length of the messages or completion."
+                f"This model's maximum context length is {limit} tokens. However, your request has "
+                f"{prompt_len} input tokens. Please reduce the length of the input messages."
+            )
+        if prompt_len + max_tokens > limit:
+            return (
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                f"maximum context length is {limit} tokens and your request has {prompt_len} input "
+                f"tokens ({max_tokens} > {limit} - {prompt_len})."
             )
         return None
 
@@ -665,6 +685,7 @@ class Engine:
 
         # 2. waiting requests, in order, only when nothing was preempted in this step
         admitted = False
+        lookup: tuple[int, int] | None = None
         if not preempted:
             waiting = self.waiting
             while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
@@ -676,10 +697,18 @@ class Engine:
                     )
                 computed = pool.lookup(hashes, (req.num_tokens - 1) // bs) if hashes else []
                 hit = len(computed) * bs
+                if pool.enable_caching:
+                    # every lookup counts, a preempted request's and a head that then does not fit
+                    # (vllm/v1/core/kv_cache_manager.py at v0.11.0, get_computed_blocks, called by
+                    # vllm/v1/core/sched/scheduler.py for each waiting request with no computed tokens)
+                    self.prefix_cache_queries += req.num_tokens
+                    self.prefix_cache_hits += hit
                 num_new = min(req.num_tokens - hit, budget)
                 need = -(-(hit + num_new) // bs) - len(computed)
                 evictable = sum(1 for b in computed if pool.ref[b] == 0)
                 if need > pool.num_free - evictable:
+                    if pool.enable_caching:
+                        lookup = (req.num_tokens, hit)
                     break  # the head cannot be had: nobody behind it jumps the queue
                 if computed:
                     pool.touch(computed)
@@ -689,11 +718,6 @@ class Engine:
                     req.blocks.extend(pool.allocate(need))
                 req.num_computed_tokens = hit
                 req.num_hashed_blocks = len(computed)
-                if pool.enable_caching and req.num_preemptions == 0:
-                    # tokens looked up / found, once per admission (vLLM PrefixCacheStats keeps
-                    # preempted requests' lookups apart)
-                    self.prefix_cache_queries += req.num_tokens
-                    self.prefix_cache_hits += hit
                 if req.scheduled_time is None:
                     req.num_cached_tokens = hit
                     req.scheduled_time = now
@@ -712,7 +736,9 @@ class Engine:
         steps = 1
         if max_steps > 1 and all_decode and not admitted and not preempted:
             steps = self._window(scheduled, max_steps)
-        return self._plan(now, scheduled, steps)
+        plan = self._plan(now, scheduled, steps)
+        plan.lookup = lookup
+        return plan
 
     def _window(self, scheduled: list[tuple[Request, int]], max_steps: int) -> int:
         """How many identical decode steps fit: up to the first finish and while free blocks last.
@@ -787,6 +813,9 @@ class Engine:
         max_len = self.cfg.max_model_len
         self.num_steps += k
         self.busy_time += plan.time_of(k)
+        if k > 1 and plan.lookup is not None:  # the blocked head, looked up again each later step
+            self.prefix_cache_queries += (k - 1) * plan.lookup[0]
+            self.prefix_cache_hits += (k - 1) * plan.lookup[1]
         for req, n in plan.scheduled:
             if req.status != RUNNING:
                 continue  # aborted while the step ran
@@ -818,7 +847,7 @@ class Engine:
                 self._finish(req, reason, now)
                 finished.append(req)
         for listener in self.step_listeners:
-            listener(plan, now)
+            listener(plan, now, k)
         return finished
 
     def _append_output(self, req: Request, new: int, now: float) -> None:
@@ -828,11 +857,14 @@ class Engine:
             req.output_token_ids.extend(filler_token(base + j) for j in range(new))
         req.num_output_tokens += new
         self.generation_tokens_total += new
-        if not first and req.last_token_time is not None:
+        prev = req.last_token_time
+        if not first and prev is not None:
             # what vLLM's inter_token_latency_seconds histogram adds: the gap, over the new tokens
-            self.itl_seconds_total += now - req.last_token_time
+            self.itl_seconds_total += now - prev
             self.itl_tokens_total += new
         req.last_token_time = now
+        for listener in self.token_listeners:
+            listener(req, new, now, prev)
         if first and req.first_token_time is None:
             req.first_token_time = now
             if req.on_first_token:

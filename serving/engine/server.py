@@ -1,9 +1,10 @@
 """The HTTP face of the engine emulator: vLLM's OpenAI-compatible server over the engine model.
 
-Endpoints (FACTS.md section 1): GET /health, GET|POST /ping, GET /version, GET /v1/models (card with
-max_model_len), POST /v1/completions, POST /v1/chat/completions (SSE streaming and not, usage,
-stream_options.include_usage, continue_final_message, add_generation_prompt, max_tokens,
+Endpoints (FACTS.md section 1): GET /health, GET|POST /ping, GET /version, GET /load, GET /v1/models
+(card with max_model_len), POST /v1/completions, POST /v1/chat/completions (SSE streaming and not,
+usage, stream_options.include_usage, continue_final_message, add_generation_prompt, max_tokens,
 ignore_eos), POST /tokenize, GET /metrics; and the admin API POST|GET /admin/faults (faults.py).
+Request checks, error texts and stream chunks follow vLLM 0.11.0; each cites its vLLM file.
 
 Time: the engine lives in engine time, `time_scale` times faster than the wall clock. Each step is
 planned by the model, slept for `duration / time_scale` real seconds, then committed; when the
@@ -30,14 +31,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 from aiohttp import web
 from gpufleet.serving.engine import faults as faultlib
 from gpufleet.serving.engine import tokenizer as tk
 from gpufleet.serving.engine.metrics import EngineMetrics, garbage_metrics
-from gpufleet.serving.engine.model import Engine, EngineConfig, EngineStats, Request, resolve
+from gpufleet.serving.engine.model import FINISHED, Engine, EngineConfig, EngineStats, Request, resolve
 
 VLLM_VERSION = "0.11.0"  # the vLLM release whose API and metric names the emulator follows
 
@@ -71,9 +71,31 @@ class _BadRequest(Exception):
         self.status, self.etype, self.param = status, etype, param
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+def _validation_error(body: dict, text: str) -> _BadRequest:
+    """A request-model validator's ValueError as vLLM 0.11 answers it: FastAPI's
+    RequestValidationError with pydantic's error list, turned into a 400 whose type is
+    "Bad Request" by validation_exception_handler (vllm/entrypoints/openai/api_server.py)."""
+    err = {"type": "value_error", "loc": ("body",), "msg": f"Value error, {text}", "input": body}
+    err["ctx"] = {"error": ValueError(text)}
+    return _BadRequest(str([err]), etype="Bad Request")
+
+
+def _check_generation_prompt(body: dict) -> None:
+    """ChatCompletionRequest / TokenizeChatRequest.check_generation_prompt (vLLM 0.11.0,
+    vllm/entrypoints/openai/protocol.py), a `mode="before"` validator: it sees the raw body, so it
+    refuses only the pair given explicitly; the default add_generation_prompt=true meets
+    transformers' own check later (_chat_prompt)."""
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        raise _validation_error(
+            body, "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+        )
+
+
+def _check_stream_options(body: dict) -> None:
+    """CompletionRequest / ChatCompletionRequest.validate_stream_options (vLLM 0.11.0,
+    vllm/entrypoints/openai/protocol.py): stream_options need stream=true."""
+    if body.get("stream_options") and not body.get("stream"):
+        raise _validation_error(body, "Stream options can only be defined when `stream=True`.")
 
 
 class EmulatorServer:
@@ -85,6 +107,7 @@ class EmulatorServer:
         time_scale: float = 1.0,
         admin_token: str | None = None,
         faults: Sequence[str] | dict | None = None,
+        enable_server_load_tracking: bool = False,
     ) -> None:
         if time_scale <= 0:
             raise EmulatorError("time_scale must be > 0")
@@ -111,7 +134,10 @@ class EmulatorServer:
         self._unhang: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
         self._reopen: asyncio.Task | None = None
-        self._created = int(time.time())
+        # GET /load: vLLM counts the generation requests in flight only with
+        # --enable-server-load-tracking (off by default) and answers 0 otherwise
+        self.enable_server_load_tracking = enable_server_load_tracking
+        self.server_load = 0
 
     # -- clock -----------------------------------------------------------------------------------
 
@@ -150,6 +176,7 @@ class EmulatorServer:
         app.router.add_get("/health", self.health)
         app.router.add_route("*", "/ping", self.ping)
         app.router.add_get("/version", self.version)
+        app.router.add_get("/load", self.load)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -174,8 +201,8 @@ class EmulatorServer:
         except OSError as exc:
             await self.runner.cleanup()
             raise EmulatorError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        server = self.site._server
-        self.port = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        sockets = getattr(self.site._server, "sockets", None)  # an asyncio.Server once started
+        self.port = sockets[0].getsockname()[1] if sockets else port
         self._driver = asyncio.create_task(self._drive())
         if self._initial_faults:
             await self.set_faults(self._initial_faults)
@@ -290,16 +317,39 @@ class EmulatorServer:
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": VLLM_VERSION})
 
+    async def load(self, request: web.Request) -> web.Response:
+        # vllm/entrypoints/openai/api_server.py get_server_load_metrics: always routed; the count
+        # moves only with --enable-server-load-tracking (vllm/entrypoints/utils.py load_aware_call)
+        return web.json_response({"server_load": self.server_load})
+
     async def models(self, request: web.Request) -> web.Response:
+        # vllm/entrypoints/openai/serving_models.py show_available_models and protocol.py
+        # ModelCard / ModelPermission at v0.11.0: root is the model `vllm serve` was given, one
+        # default permission object, `created` the time of the call
+        now = int(time.time())
+        permission = {
+            "id": f"modelperm-{uuid.uuid4().hex}",
+            "object": "model_permission",
+            "created": now,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
         card = {
             "id": self.model_name,
             "object": "model",
-            "created": self._created,
+            "created": now,
             "owned_by": "vllm",
-            "root": self.model_name,
+            "root": self.engine.cfg.model_path or self.model_name,
             "parent": None,
             "max_model_len": self.engine.cfg.max_model_len,
-            "permission": [],
+            "permission": [permission],
         }
         return web.json_response({"object": "list", "data": [card]})
 
@@ -314,7 +364,8 @@ class EmulatorServer:
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if "messages" in body:
-            text = self._chat_prompt(body)
+            _check_generation_prompt(body)
+            text, _ = self._chat_prompt(body)
         elif isinstance(body.get("prompt"), str):
             text = body["prompt"]
         else:
@@ -336,73 +387,125 @@ class EmulatorServer:
         if model is not None and model != self.model_name:
             raise _BadRequest(f"The model `{model}` does not exist.", 404, "NotFoundError", "model")
 
-    def _chat_prompt(self, body: dict) -> str:
+    def _chat_prompt(self, body: dict) -> tuple[str, str]:
+        """(prompt text, role of the reply). vLLM 0.11 defaults add_generation_prompt to true
+        whatever continue_final_message says (vllm/entrypoints/openai/protocol.py), so
+        continue_final_message alone meets transformers' refusal of the pair; serving_chat.py and
+        serving_tokenization.py answer it 400 as f"{e} {e.__cause__}", the cause being the same
+        error (chat_utils.py apply_hf_chat_template re-raises it as ValueError(str(e)) from e).
+        The reply's role is the last message's when no generation prompt is added
+        (serving_chat.py get_chat_request_role)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise _BadRequest("'messages' must be a non-empty list of message objects", param="messages")
         cont = body.get("continue_final_message", False)
-        add_gen = body.get("add_generation_prompt", not cont)
+        add_gen = body.get("add_generation_prompt", True)
         if not isinstance(cont, bool) or not isinstance(add_gen, bool):
             raise _BadRequest("continue_final_message and add_generation_prompt must be booleans")
-        if cont and messages[-1].get("role") != "assistant":
-            raise _BadRequest(
-                "continue_final_message needs the last message to be the assistant's", param="messages"
-            )
         try:
-            return tk.apply_chat_template(
-                messages, add_generation_prompt=add_gen, continue_final_message=cont
-            )
+            text = tk.apply_chat_template(messages, add_generation_prompt=add_gen, continue_final_message=cont)
         except ValueError as exc:
-            raise _BadRequest(str(exc), param="messages") from None
+            raise _BadRequest(f"{exc} {exc}") from None
+        role = "assistant" if add_gen else str(messages[-1].get("role", "assistant"))
+        return text, role
 
-    def _sampling(
-        self, body: dict, prompt_ids: list[int], default_max: int | None
-    ) -> tuple[int, bool, int | None]:
+    def _sampling(self, body: dict, prompt_ids: list[int], chat: bool) -> tuple[int, bool, int | None]:
+        """(max_tokens as vLLM resolves it, ignore_eos, natural stop) or a 400 with vLLM 0.11's text."""
         n = body.get("n", 1)
         if n != 1:
             raise _BadRequest("the emulator serves n=1 only", param="n")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+        if chat:
+            # vllm/entrypoints/openai/serving_engine.py _validate_input and utils.py get_max_tokens:
+            # `max_completion_tokens or max_tokens` (a 0 falls through), no default
+            requested = body.get("max_completion_tokens") or body.get("max_tokens")
+        else:
+            requested = body.get("max_tokens", 16)  # protocol.py CompletionRequest: 16 by default
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int)):
+            raise _BadRequest("max_tokens must be an integer", param="max_tokens")
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise _BadRequest("ignore_eos must be a boolean", param="ignore_eos")
         limit = self.engine.cfg.max_model_len
-        if max_tokens is None:
-            max_tokens = max(1, limit - len(prompt_ids))
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise _BadRequest("max_tokens must be a whole number >= 1", param="max_tokens")
-        problem = self.engine.validate(len(prompt_ids), max_tokens)
+        n_in = len(prompt_ids)
+        if chat:
+            # serving_engine.py _validate_input, answered by serving_chat.py as f"{e} {e.__cause__}"
+            # (no cause: the text ends in " None")
+            if n_in >= limit:
+                raise _BadRequest(
+                    f"This model's maximum context length is {limit} tokens. However, your request has "
+                    f"{n_in} input tokens. Please reduce the length of the input messages. None"
+                )
+            if requested is not None and n_in + requested > limit:
+                raise _BadRequest(
+                    f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
+                    f"maximum context length is {limit} tokens and your request has {n_in} input tokens "
+                    f"({requested} > {limit} - {n_in}). None"
+                )
+        else:
+            # vllm/entrypoints/renderer.py _create_tokens_prompt, with max_length = max_model_len -
+            # (max_tokens or 0) from serving_completion.py _build_render_config
+            max_length = limit - (requested or 0)
+            if n_in > max_length:
+                raise _BadRequest(
+                    f"This model's maximum context length is {max_length} tokens. However, your request "
+                    f"has {n_in} input tokens. Please reduce the length of the input messages."
+                )
+        # utils.py get_max_tokens: what was asked, capped by what the context leaves
+        max_tokens = limit - n_in if requested is None else min(limit - n_in, requested)
+        if max_tokens < 1:  # sampling_params.py SamplingParams._verify_args
+            raise _BadRequest(f"max_tokens must be at least 1, got {max_tokens}.")
+        problem = self.engine.validate(n_in, max_tokens)
         if problem:
-            raise _BadRequest(problem, param="max_tokens" if prompt_ids else "prompt")
+            raise _BadRequest(problem, param="prompt")
         eos_after = None if ignore_eos else tk.natural_length(prompt_ids)
         return max_tokens, ignore_eos, eos_after
 
+    @contextlib.contextmanager
+    def _load_tracked(self) -> Iterator[None]:
+        """vllm/entrypoints/utils.py load_aware_call: with tracking on, a generation request counts in
+        GET /load from its handler's start until its response is sent."""
+        if not self.enable_server_load_tracking:
+            yield
+            return
+        self.server_load += 1
+        try:
+            yield
+        finally:
+            self.server_load -= 1
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        self._check_model(body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = tk.encode(prompt)
-        elif (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
-            ids = list(prompt)
-        else:
-            raise _BadRequest("'prompt' must be a non-empty string or a list of token ids", param="prompt")
-        if not ids:
-            raise _BadRequest("the prompt is empty", param="prompt")
-        max_tokens, ignore_eos, eos_after = self._sampling(body, ids, 16)
-        return await self._generate(request, body, ids, max_tokens, ignore_eos, eos_after, chat=False)
+        _check_stream_options(body)
+        with self._load_tracked():
+            self._check_model(body)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if isinstance(prompt, str):
+                ids = tk.encode(prompt)
+            elif (
+                isinstance(prompt, list)
+                and prompt
+                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+            ):
+                ids = list(prompt)
+            else:
+                raise _BadRequest("'prompt' must be a non-empty string or a list of token ids", param="prompt")
+            if not ids:
+                raise _BadRequest("the prompt is empty", param="prompt")
+            max_tokens, ignore_eos, eos_after = self._sampling(body, ids, chat=False)
+            return await self._generate(request, body, ids, max_tokens, ignore_eos, eos_after, None)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
-        self._check_model(body)
-        ids = tk.encode(self._chat_prompt(body))
-        max_tokens, ignore_eos, eos_after = self._sampling(body, ids, None)
-        return await self._generate(request, body, ids, max_tokens, ignore_eos, eos_after, chat=True)
+        _check_generation_prompt(body)
+        _check_stream_options(body)
+        with self._load_tracked():
+            self._check_model(body)
+            text, role = self._chat_prompt(body)
+            ids = tk.encode(text)
+            max_tokens, ignore_eos, eos_after = self._sampling(body, ids, chat=True)
+            return await self._generate(request, body, ids, max_tokens, ignore_eos, eos_after, role)
 
     async def _generate(
         self,
@@ -412,8 +515,10 @@ class EmulatorServer:
         max_tokens: int,
         ignore_eos: bool,
         eos_after: int | None,
-        chat: bool,
+        role: str | None,
     ) -> web.StreamResponse:
+        """Run the request; `role` is the chat reply's (None: a completion)."""
+        chat = role is not None
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _BadRequest("stream must be a boolean", param="stream")
@@ -423,10 +528,8 @@ class EmulatorServer:
         include_usage = bool(opts.get("include_usage", False))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
-        metrics = self.metrics
 
         def on_token(req: Request, n: int, t: float) -> None:
-            metrics.observe_tokens(req, n, t)
             q.put_nowait(n)
 
         def on_finish(req: Request, t: float) -> None:
@@ -454,7 +557,7 @@ class EmulatorServer:
                 if chat:
                     choice = {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text, "tool_calls": []},
+                        "message": {"role": role, "content": text, "tool_calls": []},
                         "logprobs": None,
                         "finish_reason": req.finish_reason,
                         "stop_reason": None,
@@ -481,31 +584,19 @@ class EmulatorServer:
                 headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
             )
             await resp.prepare(request)
-            chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+            head = {
+                "id": rid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": self.model_name,
+            }
 
-            async def send(choices: list, usage: dict | None = None) -> None:
-                payload = {
-                    "id": rid,
-                    "object": chunk_obj,
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": choices,
-                }
-                if usage is not None:
-                    payload["usage"] = usage
+            async def send(payload: dict) -> None:
                 await resp.write(b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n")
 
-            if chat:
-                await send(
-                    [
-                        {
-                            "index": 0,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+            # Chunks as vLLM 0.11.0 serializes them: chat with exclude_unset (serving_chat.py
+            # chat_completion_stream_generator), completions with every field (serving_completion.py
+            # completion_stream_generator, whose first chunk carries the prompt's token ids).
             sent = 0
             outs = req.output_token_ids
             assert outs is not None
@@ -513,8 +604,12 @@ class EmulatorServer:
                 n = await q.get()
                 if n is None:
                     break
-                pieces = outs[sent : sent + n]
-                for tok in pieces:
+                if chat and sent == 0:
+                    # the role chunk goes out with the first output, not before the prefill
+                    delta = {"role": role, "content": ""}
+                    first = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                    await send({**head, "choices": [first], "prompt_token_ids": None})
+                for tok in outs[sent : sent + n]:
                     cut = self.faults.break_stream_after_tokens
                     if cut is not None and sent >= cut:
                         self.engine.abort(rid, self.now())
@@ -522,56 +617,32 @@ class EmulatorServer:
                             request.transport.abort()
                         return resp
                     text = tk.token_text(tok)
-                    if chat:
-                        await send(
-                            [
-                                {
-                                    "index": 0,
-                                    "delta": {"content": text},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ]
-                        )
-                    else:
-                        await send(
-                            [
-                                {
-                                    "index": 0,
-                                    "text": text,
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                    "stop_reason": None,
-                                }
-                            ]
-                        )
                     sent += 1
-            if chat:
-                await send(
-                    [
-                        {
+                    # the last token's chunk carries finish_reason (the output that finishes a
+                    # request carries its last text); the request finished in the step that made
+                    # the token, before this coroutine ran, so its status already says so
+                    finish = req.finish_reason if req.status == FINISHED and sent == req.num_output_tokens else None
+                    if chat:
+                        choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish}
+                        if finish is not None:
+                            choice["stop_reason"] = None
+                        choice["token_ids"] = None
+                        await send({**head, "choices": [choice]})
+                    else:
+                        choice = {
                             "index": 0,
-                            "delta": {},
+                            "text": text,
                             "logprobs": None,
-                            "finish_reason": req.finish_reason,
+                            "finish_reason": finish,
                             "stop_reason": None,
+                            "prompt_token_ids": ids if sent == 1 else None,
+                            "token_ids": None,
                         }
-                    ]
-                )
-            else:
-                await send(
-                    [
-                        {
-                            "index": 0,
-                            "text": "",
-                            "logprobs": None,
-                            "finish_reason": req.finish_reason,
-                            "stop_reason": None,
-                        }
-                    ]
-                )
-            if include_usage:
-                await send([], _usage(req))
+                        await send({**head, "choices": [choice], "usage": None})
+            if include_usage:  # the usage chunk: exclude_none in both generators
+                usage = _usage(req)
+                usage.pop("prompt_tokens_details")
+                await send({**head, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
@@ -579,11 +650,12 @@ class EmulatorServer:
             self.engine.abort(rid, self.now())
             raise
         finally:
-            if req.status != "finished":
+            if req.status != FINISHED:
                 self.engine.abort(rid, self.now())
 
 
 def _usage(req: Request) -> dict:
+    # vllm/entrypoints/openai/protocol.py UsageInfo field order
     return {
         "prompt_tokens": req.prompt_len,
         "total_tokens": req.prompt_len + req.num_output_tokens,
@@ -614,9 +686,16 @@ def serve_forever(
     admin_token: str | None = None,
     faults: Sequence[str] = (),
     announce=print,
+    enable_server_load_tracking: bool = False,
 ) -> None:
     """Serve until interrupted; prints `listening on http://HOST:PORT` once the socket is bound."""
-    server = EmulatorServer(config, time_scale=time_scale, admin_token=admin_token, faults=faults)
+    server = EmulatorServer(
+        config,
+        time_scale=time_scale,
+        admin_token=admin_token,
+        faults=faults,
+        enable_server_load_tracking=enable_server_load_tracking,
+    )
 
     async def main() -> None:
         await server.start(host, port)
@@ -699,6 +778,7 @@ def run_emulator_in_thread(
     time_scale: float = 1.0,
     admin_token: str | None = "auto",
     faults: Sequence[str] | dict | None = None,
+    enable_server_load_tracking: bool = False,
 ) -> EmulatorHandle:
     """Start an emulator on its own event loop in a daemon thread; returns once it is listening.
 
@@ -706,7 +786,13 @@ def run_emulator_in_thread(
     Raises EmulatorError for a bad config or a port that cannot be bound.
     """
     token = secrets.token_urlsafe(16) if admin_token == "auto" else admin_token
-    server = EmulatorServer(config or EngineConfig(), time_scale=time_scale, admin_token=token, faults=faults)
+    server = EmulatorServer(
+        config or EngineConfig(),
+        time_scale=time_scale,
+        admin_token=token,
+        faults=faults,
+        enable_server_load_tracking=enable_server_load_tracking,
+    )
     loop = asyncio.new_event_loop()
     started: dict = {}
     ready = threading.Event()

@@ -86,13 +86,23 @@ def message_text(content: object) -> str:
     raise ValueError("message content must be a string or a list of text parts")
 
 
+# What transformers' apply_chat_template raises for the pair (src/transformers/tokenization_utils_base.py,
+# read in transformers 4.57.0, the release current with vLLM 0.11.0).
+CONTINUE_WITH_GENERATION_PROMPT = (
+    "continue_final_message and add_generation_prompt are not compatible. Use continue_final_message "
+    "when you want the model to continue the final message, and add_generation_prompt when you want "
+    "to add a header that will prompt it to start a new assistant message instead."
+)
+
+
 def apply_chat_template(
     messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
 ) -> str:
-    """The prompt text for a chat. With continue_final_message the last (assistant) message is left
-    open, so the reply continues it (vLLM's flag; it needs add_generation_prompt false)."""
+    """The prompt text for a chat. With continue_final_message the last message, whoever's, is left
+    open so the reply continues it (transformers checks no role); it needs add_generation_prompt
+    false."""
     if continue_final_message and add_generation_prompt:
-        raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        raise ValueError(CONTINUE_WITH_GENERATION_PROMPT)
     parts = [BOS]
     for i, msg in enumerate(messages):
         last = i == len(messages) - 1

@@ -68,7 +68,7 @@ def test_preemption_exactly_when_a_decode_cannot_get_a_block_and_the_victim_is_r
     e.commit(plan, 2.0)
     now = 2.0
     while True:  # step until b is scheduled again
-        hits_before = e.prefix_cache_hits
+        queries_before, hits_before = e.prefix_cache_queries, e.prefix_cache_hits
         plan = e.schedule(now)
         mine = [n for r, n in plan.scheduled if r is b]
         if mine:
@@ -78,7 +78,10 @@ def test_preemption_exactly_when_a_decode_cannot_get_a_block_and_the_victim_is_r
     # b is recomputed: its prompt AND its output token (49 tokens), less any surviving cached blocks
     assert b.num_tokens == 49
     assert mine[0] == 49 - b.num_computed_tokens and b.num_computed_tokens % 16 == 0
-    assert e.prefix_cache_hits == hits_before  # preempted requests' lookups are not counted
+    # a preempted request's lookup counts like any other (vllm/v1/core/kv_cache_manager.py at
+    # v0.11.0: get_computed_blocks adds num_tokens and the hit to PrefixCacheStats every call)
+    assert e.prefix_cache_queries == queries_before + 49
+    assert e.prefix_cache_hits == hits_before + b.num_computed_tokens
     now += plan.duration
     e.commit(plan, now)
     run_to_end(e, now)
@@ -206,3 +209,25 @@ def test_blocks_never_leak_over_random_request_mixes(mix, max_steps, caching):
     assert finished == len(mix)
     assert e.num_free_blocks == e.pool.total  # everything back (cached blocks count as free)
     assert e.kv_cache_usage == 0.0
+
+
+def test_a_head_that_does_not_fit_is_looked_up_every_step_in_windows_too():
+    """vllm/v1/core/sched/scheduler.py at v0.11.0 calls get_computed_blocks for the waiting head
+    each step before allocate_slots fails, and kv_cache_manager.py counts each call; a decode window
+    counts its steps' lookups alike."""
+
+    def scenario(max_steps: int) -> tuple[int, int, int]:
+        e = small_engine(blocks=10, budget=512, seqs=8)  # 9 usable blocks
+        a_ids = list(range(3000, 3100))  # 7 blocks, 8 once its 20 tokens are out
+        e.add_request(Request("a", prompt_token_ids=a_ids, max_tokens=20, ignore_eos=True))
+        b_ids = a_ids[:32] + list(range(9000, 9040))  # 72 tokens: 5 blocks, 2 of them a's; 2 are free
+        b = e.add_request(Request("b", prompt_token_ids=b_ids, max_tokens=2, ignore_eos=True))
+        _, plans = run_to_end(e, max_steps=max_steps)
+        assert b.num_cached_tokens == 32
+        return e.prefix_cache_queries, e.prefix_cache_hits, len(plans)
+
+    by_step = scenario(1)
+    # a's 100 once; b's 72 (32 found) in each of a's 20 steps and when it gets in
+    assert by_step[:2] == (100 + 21 * 72, 21 * 32)
+    windowed = scenario(64)
+    assert windowed[:2] == by_step[:2] and windowed[2] < by_step[2]
