@@ -360,7 +360,7 @@ def place_cmd(
             for p in exc.problems:
                 error(err, p)
             fail(str(exc))
-        err.print(f"added {len(placement.picks)} region(s) to {write}")
+        err.print(f"added {len(placement.picks)} region(s) to {write}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,19 +24,36 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_FLEET = Path("fleet.yaml")
 
+# Width when output is not a terminal (CI logs, pipes, make): rich's default of 80 columns cuts
+# tables to `aws-us…`; $COLUMNS, when set, still wins.
+PIPE_WIDTH = 200
+
 
 def console(stderr: bool = False):
+    """The console every command prints through.
+
+    emoji=False: `fleet.yaml:100:3` must not become `fleet.yaml💯3` (rich reads `:100:` as an emoji
+    code). Markup stays on for our own styling; user text goes through `escape` (see `error`).
+    """
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    con = Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
+    if not con.is_terminal and not os.environ.get("COLUMNS"):
+        con.width = PIPE_WIDTH
+    return con
+
+
+def error(con, message: str, label: str = "error", style: str = "bold red") -> None:
+    """Print `label: message` on `con`; the message is user text (paths, file contents), never markup."""
+    from rich.markup import escape
+
+    # escape: messages quote user input and patterns such as [a-z], which rich would eat as markup
+    con.print(f"[{style}]{label}:[/] {escape(message)}", markup=True)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Print one clear error line to stderr and exit with `code`."""
-    from rich.markup import escape
-
-    # escape: messages quote user input and patterns such as [a-z], which rich would eat as markup
-    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
+    error(console(stderr=True), message)
     raise typer.Exit(code)
 
 
@@ -53,9 +71,7 @@ def load_fleet_or_exit(path: Path):
     try:
         return load_fleet(path)
     except FleetFileError as exc:
-        from rich.markup import escape
-
         err = console(stderr=True)
         for problem in exc.problems:
-            err.print(f"[bold red]error:[/] {escape(str(problem))}", markup=True)
+            error(err, str(problem))
         raise typer.Exit(EXIT_BAD_INPUT) from None

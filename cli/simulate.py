@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
 from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail
 
-POLICIES = ("headroom", "round-robin", "least-outstanding")
+# serving/router/policies/__init__.py POLICIES (kept literal: importing the registry loads the engine model)
+POLICIES = ("default", "predictive", "headroom", "round-robin", "least-outstanding", "power-of-two",
+            "prefix-affinity", "llm-d", "instance-aware", "kv-cost")  # fmt: skip
+REACHES = ("regional", "global")
+# The simulator steps every scrape interval until the last arrival, so the simulated span bounds its
+# run time (a week is about 30 s on the example fleet, longer on big ones); a broken trace, or
+# --load-scale 1e-300, must not mean years of steps.
+MAX_SIM_SPAN_S = 7 * 86400.0
 
 
 def _workload(trace: str, load_scale: float, start: float, duration: float | None, seed: int):
@@ -17,6 +25,14 @@ def _workload(trace: str, load_scale: float, start: float, duration: float | Non
     if trace.startswith("builtin:"):
         return loadgen.synthetic(trace.split(":", 1)[1], duration or 3600.0, load_scale, seed)
     return loadgen.from_trace(Path(trace), load_scale=load_scale, start_s=start, duration_s=duration)
+
+
+def _check_span(last_s: float, trace: str, load_scale: float) -> None:
+    if not (math.isfinite(last_s) and last_s <= MAX_SIM_SPAN_S):
+        fail(
+            f"{trace} at --load-scale {load_scale:g} spans {last_s:.3g} s of simulated time, more than "
+            f"{MAX_SIM_SPAN_S / 86400:.0f} days; pick a slice with --start/--duration or a higher --load-scale"
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -30,10 +46,14 @@ def register(app: typer.Typer) -> None:
         ),
         fleet: Path = typer.Option(DEFAULT_FLEET, "--fleet", "-f", help="fleet file"),
         policy: list[str] = typer.Option(
-            ["headroom"],
+            ["default"],
             "--policy",
             "-p",
-            help="headroom, round-robin, least-outstanding or all (repeat to compare)",
+            help=f"{', '.join(POLICIES)} or all (repeat to compare); default: what the router ships",
+        ),
+        reach: str = typer.Option(
+            "regional", "--reach", help="regional: a router per region, peers by summary; global: one router "
+            "over every engine, paying the inter-region round trip",
         ),
         load_scale: list[float] = typer.Option(
             [1.0], "--load-scale", "-x", help="x the trace's rate (repeat)"
@@ -61,12 +81,16 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Replay a trace through the fleet in virtual time: TTFT/TPOT, SLO goodput, preemptions, cost."""
-        policies = list(POLICIES) if "all" in policy else policy
+        policies = list(POLICIES[1:]) if "all" in policy else policy
+        if reach not in REACHES:
+            fail(f"--reach {reach!r}: regional or global")
         bad = [p for p in policies if p not in POLICIES]
         if bad:
             fail(f"--policy {bad[0]!r}: one of {', '.join(POLICIES)} or all")
-        if any(x <= 0 for x in load_scale):
-            fail("--load-scale must be positive")
+        if not all(math.isfinite(x) and x > 0 for x in load_scale):
+            fail("--load-scale must be a positive, finite number")
+        if not math.isfinite(start) or (duration is not None and not math.isfinite(duration)):
+            fail("--start and --duration must be finite numbers of seconds")
         if clients not in ("uniform", "capacity"):
             fail(f"--clients {clients!r}: uniform or capacity")
         from gpufleet.cli.common import console, load_fleet_or_exit
@@ -81,7 +105,10 @@ def register(app: typer.Typer) -> None:
         results = []
         try:
             for x in load_scale:
+                if duration is not None:  # before a built-in profile generates that many arrivals
+                    _check_span(duration / x, trace, x)
                 items = _workload(trace, x, start, duration, seed)
+                _check_span(max((it.at_s for it in items), default=0.0), trace, x)
                 for p in policies:
                     sim = Simulator(
                         spec,
@@ -91,6 +118,7 @@ def register(app: typer.Typer) -> None:
                             engines_per_region=engines_per_region,
                             clients=clients,
                             seed=seed,
+                            reach=reach,
                         ),
                     )
                     results.append((p, x, sim.run(items)))
@@ -122,7 +150,7 @@ def register(app: typer.Typer) -> None:
             return
         _print(runs, results, spec)
         if report_dir is not None:
-            console().print(f"report: {path}")
+            console().print(f"report: {path}", markup=False)  # a user's path, not markup
 
 
 def _run_result(trace: str, policy: str, load: float, failures, r):
@@ -202,6 +230,6 @@ def _print(runs, results, spec) -> None:
         )
     c.print(u)
     for note in last.cost_notes:
-        c.print(f"note: {note}")
+        c.print(f"note: {note}", markup=False)
     if last.events:
         c.print("events: " + "; ".join(f"{t:.0f}s {what}" for t, what in last.events))

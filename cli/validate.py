@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import typer
-from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, console, fail, load_fleet_or_exit
+from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, console, error, fail, load_fleet_or_exit
 
 
 def fleet_summary(fleet) -> list[dict]:
@@ -67,13 +67,17 @@ def register(app: typer.Typer) -> None:
             doc = {"fleet": fleet.fleet, "regions": rows, "usd_per_hour_at_max": total_cost, "warnings": warnings}
             typer.echo(json.dumps(doc, indent=2))
             return
+        from rich.markup import escape
         from rich.table import Table
 
         out = console()
-        models = ", ".join(m.name for m in fleet.models)
+        models = escape(", ".join(m.name for m in fleet.models))
         table = Table(title=f"fleet {fleet.fleet}: {len(rows)} regions, models {models}")
         for col in ("region", "gpu", "instance", "nodes", "GPUs at max", "tier", "residency", "$/h at max"):
-            table.add_column(col, justify="right" if col in ("nodes", "GPUs at max", "$/h at max") else "left")
+            # fold, not "…": a name cut short is worse than one on two lines
+            table.add_column(
+                col, justify="right" if col in ("nodes", "GPUs at max", "$/h at max") else "left", overflow="fold"
+            )
         for r in rows:
             cost = "-" if r["usd_per_hour_at_max"] is None else f"{r['usd_per_hour_at_max']:,.2f}"
             table.add_row(
@@ -90,5 +94,5 @@ def register(app: typer.Typer) -> None:
         table.add_row("total", "", "", "", str(sum(r["gpus_at_max"] for r in rows)), "", "", f"{total_cost:,.2f}")
         out.print(table)
         for w in warnings:
-            out.print(f"[yellow]warning:[/] {w}")
-        out.print(f"[green]ok[/] {fleet_file} is a valid fleet file")
+            error(out, w, "warning", "yellow")
+        out.print(f"[green]ok[/] {escape(str(fleet_file))} is a valid fleet file")

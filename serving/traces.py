@@ -10,21 +10,31 @@
     ids = synthesize_prompt(rec)                   # token ids; shared hash_ids -> shared ids
     hashes = prompt_block_hashes(rec, 16)          # or: the engine's block hashes directly (fast)
 
-Pure Python, standard library only.
+Pure Python, standard library only (and gpufleet's bounded file readers). Every value is checked:
+a timestamp must be a finite number within MAX_TRACE_SPAN_S of the first, token counts whole numbers
+from 0 to MAX_TOKENS (0 counts as 1), hash ids whole numbers >= 0.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
-import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from gpufleet.stacks.readers import ReadError, decode_utf8, gunzip, parse_json, read_bytes
 
 MOONCAKE_BLOCK_TOKENS = 512
+MAX_TRACE_BYTES = 256 * 1024 * 1024  # on disk, and again once decompressed
+MAX_TRACE_SPAN_S = 366 * 86400.0  # a request trace covers hours or days; 1e308 ms is a broken file
+MAX_TOKENS = 10_000_000  # past any model's context window
+_AZURE_TIME = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,9})?", re.ASCII)
+_COUNT = re.compile(r"\d{1,9}", re.ASCII)
 
 
 class TraceError(ValueError):
@@ -43,51 +53,99 @@ class TraceRecord:
 
 def _parse_azure_time(text: str) -> float:
     text = text.strip()
+    if not _AZURE_TIME.fullmatch(text):
+        raise ValueError(f"TIMESTAMP {text[:40]!r} is not YYYY-MM-DD HH:MM:SS[.fraction]")
     head, _, frac = text.partition(".")
     dt = datetime.strptime(head, "%Y-%m-%d %H:%M:%S")
     return dt.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
+def _azure_count(text: str | None, column: str) -> int:
+    value = (text or "").strip()
+    if not _COUNT.fullmatch(value) or int(value) > MAX_TOKENS:
+        raise ValueError(f"{column} {value[:40]!r} is not a token count (a whole number 0..{MAX_TOKENS})")
+    return int(value)
+
+
+def _mooncake_number(d: dict[str, Any], key: str, whole: bool) -> float:
+    """d[key] as a finite number >= 0 (a whole one where `whole`); at most MAX_TOKENS for counts."""
+    if key not in d:
+        raise ValueError(f"no {key!r}")
+    value = d[key]
+    # a bool is an int to Python, and a string is not a number: both mean a broken file
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} is {value!r}, not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0 or (whole and number > MAX_TOKENS):
+        bound = f" and at most {MAX_TOKENS}" if whole else ""
+        raise ValueError(f"{key} is {str(value)[:40]}; it must be a finite number >= 0{bound}")
+    if whole and not number.is_integer():
+        raise ValueError(f"{key} is {value!r}, not a whole number of tokens")
+    return number
+
+
 def _azure_records(path: Path, text: str) -> list[TraceRecord]:
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
-    if not reader.fieldnames or not need <= set(reader.fieldnames):
+    try:
+        fields = reader.fieldnames
+    except csv.Error as exc:
+        raise TraceError(f"{path}:1: not a CSV header: {exc}") from None
+    if not fields or not need <= set(fields):
         raise TraceError(
             f"{path}: neither an Azure trace CSV (columns {', '.join(sorted(need))}) "
             "nor Mooncake JSONL (one JSON object a line)"
         )
     out: list[TraceRecord] = []
     t0: float | None = None
-    for i, row in enumerate(reader):
-        try:
-            t = _parse_azure_time(row["TIMESTAMP"])
-            prompt, output = int(row["ContextTokens"]), int(row["GeneratedTokens"])
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise TraceError(f"{path}:{i + 2}: {exc}") from None
-        if t0 is None:
-            t0 = t
-        out.append(TraceRecord(t - t0, max(1, prompt), max(1, output), index=i))
+    try:
+        for i, row in enumerate(reader):
+            try:
+                t = _parse_azure_time(row["TIMESTAMP"] or "")
+                prompt = _azure_count(row["ContextTokens"], "ContextTokens")
+                output = _azure_count(row["GeneratedTokens"], "GeneratedTokens")
+            except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+                raise TraceError(f"{path}:{reader.line_num}: {exc}") from None
+            if t0 is None:
+                t0 = t
+            out.append(TraceRecord(t - t0, max(1, prompt), max(1, output), index=i))
+    except csv.Error as exc:  # a field past csv's size limit; raised before the line is counted
+        raise TraceError(f"{path}:{reader.line_num + 1}: not valid CSV: {exc}") from None
     return out
 
 
 def _mooncake_records(path: Path, text: str) -> list[TraceRecord]:
     out: list[TraceRecord] = []
-    for i, line in enumerate(text.splitlines()):
+    for i, line in enumerate(text.split("\n")):  # "\n" only, so line numbers match an editor's
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
+            d = parse_json(line, str(path), first_line=i + 1)
+        except ReadError as exc:
+            raise TraceError(str(exc)) from None
+        try:
+            if not isinstance(d, dict):
+                raise ValueError(f"a JSON {type(d).__name__}, not an object")
+            hashes = d.get("hash_ids")
+            if hashes is not None and not isinstance(hashes, list):
+                raise ValueError(f"hash_ids is {hashes!r}, not a list")
+            for h in hashes or ():
+                if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+                    raise ValueError(f"hash_ids holds {h!r}, not a whole number >= 0")
             out.append(
                 TraceRecord(
-                    arrival_s=float(d["timestamp"]) / 1000.0,
-                    prompt_tokens=max(1, int(d["input_length"])),
-                    output_tokens=max(1, int(d["output_length"])),
-                    block_hashes=tuple(int(h) for h in d.get("hash_ids") or ()) or None,
+                    arrival_s=_mooncake_number(d, "timestamp", whole=False) / 1000.0,
+                    prompt_tokens=max(1, int(_mooncake_number(d, "input_length", whole=True))),
+                    output_tokens=max(1, int(_mooncake_number(d, "output_length", whole=True))),
+                    block_hashes=tuple(hashes or ()) or None,
                     index=i,
                 )
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise TraceError(f"{path}:{i + 1}: {exc!r}") from None
+        except ValueError as exc:
+            raise TraceError(f"{path}:{i + 1}: {exc}") from None
     return out
 
 
@@ -97,15 +155,13 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
     Raises TraceError naming the file (and line) for a missing, unreadable, empty or malformed trace.
     """
     path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such trace file")
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, MAX_TRACE_BYTES, "trace file")
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
-        raise TraceError(f"{path}: cannot read the trace: {exc}") from None
+            raw = gunzip(raw, str(path), MAX_TRACE_BYTES)
+        text = decode_utf8(raw, str(path))
+    except ReadError as exc:
+        raise TraceError(str(exc)) from None
     if text.lstrip()[:1] == "{":
         out = _mooncake_records(path, text)
     else:
@@ -113,6 +169,12 @@ def read_trace(path: str | Path) -> list[TraceRecord]:
     if not out:
         raise TraceError(f"{path}: the trace has no requests")
     t0 = min(r.arrival_s for r in out)
+    span = max(r.arrival_s for r in out) - t0
+    if not span <= MAX_TRACE_SPAN_S:
+        raise TraceError(
+            f"{path}: the requests span {span:.3g} s, more than {MAX_TRACE_SPAN_S / 86400:.0f} days; "
+            "a timestamp is broken"
+        )
     return sorted((replace(r, arrival_s=r.arrival_s - t0) for r in out), key=lambda r: r.arrival_s)
 
 

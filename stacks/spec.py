@@ -20,7 +20,10 @@ _NAME = r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: a YAML `true` is not an integer, `1.5` not an int, `"yes"` not a boolean (pydantic's
+    # lax mode takes all three); numbers must be finite (`.inf`, `.nan`). Enum fields opt out
+    # (Field(strict=False)): strict enums want an enum instance, and YAML gives the string.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class Cloud(StrEnum):
@@ -106,7 +109,7 @@ class NodeRange(_Strict):
 
 
 class Capacity(_Strict):
-    tier: Tier = Tier.on_demand
+    tier: Tier = Field(Tier.on_demand, strict=False)
     reservation_id: str | None = Field(None, description="reservation / capacity block id, for tier reserved")
 
     @model_validator(mode="after")
@@ -118,6 +121,27 @@ class Capacity(_Strict):
         return self
 
 
+def check_http_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host (and a valid port, if any); ValueError saying why not."""
+    from urllib.parse import urlsplit
+
+    example = "e.g. http://10.0.0.5:8000"
+    if not url or any(c.isspace() for c in url):
+        raise ValueError(f"{url!r} is not a URL ({example})")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        raise ValueError(f"{url!r} is not a URL with a valid host and port ({example})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r} is not an http(s) URL ({example})")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host ({example})")
+    if port == 0:
+        raise ValueError(f"{url!r} has port 0 ({example})")
+    return url
+
+
 class Endpoints(_Strict):
     """Where the region's serving endpoints are, for the router (static URLs or DNS)."""
 
@@ -125,10 +149,32 @@ class Endpoints(_Strict):
     engines_dns: str | None = Field(None, description="host:port whose A records are the engines")
     router: str | None = Field(None, description="base URL of the region's router, for peers")
 
+    @field_validator("engines")
+    @classmethod
+    def _engine_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            check_http_url(url)
+        return value
+
+    @field_validator("engines_dns")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        # the router's resolve_engines reads it the same way: host, then the port after the last ':'
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", host) or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port, e.g. vllm-engines.gpufleet.svc.cluster.local:8000")
+        return value
+
+    @field_validator("router")
+    @classmethod
+    def _router_url(cls, value: str | None) -> str | None:
+        return value if value is None else check_http_url(value)
+
 
 class Region(_Strict):
     id: str | None = Field(None, pattern=_NAME, description="defaults to <cloud>-<region>")
-    cloud: Cloud
+    cloud: Cloud = Field(strict=False)
     region: str = Field(pattern=r"^[a-z0-9-]{2,40}$")
     zones: list[str] = Field(default_factory=list)
     gpu: str

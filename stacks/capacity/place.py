@@ -194,17 +194,16 @@ def append_to_fleet(path: Path, placement: Placement, taken_at: str = "") -> str
     The result is validated before it replaces the file; returns the new text.
     """
     import yaml
-    from gpufleet.stacks.fleetfile import FleetFileError, parse_fleet
+    from gpufleet.stacks.fleetfile import MAX_FLEET_BYTES, FleetFileError, parse_fleet
+    from gpufleet.stacks.readers import ReadError, decode_utf8, load_yaml, read_bytes
 
     try:
-        text = path.read_text(encoding="utf-8")
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except FileNotFoundError:
-        raise FleetWriteError(
-            f"{path}: no such file; --write adds regions to an existing fleet file"
-        ) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise FleetWriteError(f"{path}: cannot be read as YAML: {exc}") from None
+        text = decode_utf8(read_bytes(path, MAX_FLEET_BYTES, "fleet YAML file"), str(path))
+        _, root = load_yaml(text, str(path))
+    except ReadError as exc:
+        if exc.code == "missing":
+            raise FleetWriteError(f"{path}: no such file; --write adds regions to an existing fleet file") from None
+        raise FleetWriteError(f"{path}: cannot take the entries", [str(exc)]) from None
     if not isinstance(root, yaml.MappingNode):
         raise FleetWriteError(f"{path}: is not a fleet file (a mapping with fleet, models, regions)")
     seq = next((v for k, v in root.value if getattr(k, "value", None) == "regions"), None)

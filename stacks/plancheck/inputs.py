@@ -128,38 +128,31 @@ class Inputs:
 
 
 def _read_json(path: Path) -> Any:
+    from gpufleet.stacks.readers import ReadError, decode_utf8, parse_json, read_bytes
+
     try:
-        size = path.stat().st_size
-        if size == 0:
-            raise InputError(f"{path}: is empty; {EXPECTED}")
-        if size > MAX_INPUT_BYTES:
-            raise InputError(f"{path}: is {size} bytes, more than the {MAX_INPUT_BYTES // 2**20} MiB limit")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file or directory; {EXPECTED}") from None
-    except PermissionError:
-        raise InputError(f"{path}: cannot be read (permission denied)") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory without manifest.json; {EXPECTED}") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read: {exc.strerror}") from None
+        raw = read_bytes(path, MAX_INPUT_BYTES, "plan JSON or cdk.tf.json")
+    except ReadError as exc:
+        if exc.code == "missing":
+            raise InputError(f"{path}: no such file or directory; {EXPECTED}") from None
+        raise InputError(str(exc)) from None
+    if not raw:
+        raise InputError(f"{path}: is empty; {EXPECTED}")
     if not raw.strip():
         raise InputError(f"{path}: holds only whitespace; {EXPECTED}")
     try:
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise InputError(
-            f"{path}: is not UTF-8 text (a binary plan file? run `tofu show -json` on it)"
-        ) from None
-    except json.JSONDecodeError as exc:
+        text = decode_utf8(raw, str(path))
+    except ReadError as exc:
+        raise InputError(f"{exc} (a binary plan file? run `tofu show -json` on it)") from None
+    try:
+        return parse_json(text, str(path))
+    except ReadError as exc:
+        if exc.code != "syntax":
+            raise InputError(str(exc)) from None
         hint = ""
         if raw[:2] == b"PK":  # the binary plan `terraform plan -out` writes is a zip archive
             hint = " It looks like a binary plan file: convert it with `tofu show -json PLAN > plan.json`."
-        raise InputError(
-            f"{path}: is not JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).{hint} {EXPECTED}"
-        ) from None
-    except RecursionError:
-        raise InputError(f"{path}: is nested too deeply to be a plan") from None
+        raise InputError(f"{exc}.{hint} {EXPECTED}") from None
 
 
 def load(paths: Iterable[str | Path]) -> Inputs:
@@ -220,7 +213,10 @@ def _load_manifest(root: Path, manifest: Path) -> Inputs:
             raise InputError(
                 f"{manifest}: stack {name!r} names {rel}, which does not exist; synthesize again"
             )
-        out.extend(parse_document(_read_json(stack_file), root / rel, stack=entry.get("name", name)))
+        label = entry.get("name", name)
+        if not isinstance(label, str):
+            raise InputError(f"{manifest}: stack {name!r} has a name that is not a string")
+        out.extend(parse_document(_read_json(stack_file), root / rel, stack=label))
     return out
 
 
@@ -335,6 +331,9 @@ def _parse_plan(doc: dict[str, Any], path: Path, stack: str) -> Inputs:
         missing = [k for k in ("address", "type", "change") if k not in rc]
         if missing:
             raise InputError(f"{where} lacks {', '.join(missing)}; not a `show -json` plan")
+        for key in ("address", "type", "name", "mode"):
+            if key in rc and not isinstance(rc[key], str):
+                raise InputError(f"{where}.{key} must be a string, not {json.dumps(rc[key])[:60]}")
         change = rc["change"]
         if not isinstance(change, dict) or not isinstance(change.get("actions"), list):
             raise InputError(f'{where}.change.actions must be a list such as ["create"]')
@@ -352,15 +351,15 @@ def _parse_plan(doc: dict[str, Any], path: Path, stack: str) -> Inputs:
         changes.append(
             ResourceChange(
                 stack=stack,
-                address=str(rc["address"]),
-                type=str(rc["type"]),
-                name=str(rc.get("name", "")),
+                address=rc["address"],
+                type=rc["type"],
+                name=rc.get("name", ""),
                 actions=actions,
                 before=before,
                 after=after,
                 after_unknown=unknown if isinstance(unknown, dict) else {},
                 source=str(path),
-                mode=str(rc.get("mode", "managed")),
+                mode=rc.get("mode", "managed"),
             )
         )
     return Inputs(changes=changes, stacks={stack: info}, scan_targets=[("terraform_plan", path)])
@@ -374,10 +373,9 @@ def _plan_provider_context(doc: dict[str, Any], info: StackInfo) -> None:
     for key, cfg in providers.items():
         if not isinstance(cfg, dict) or cfg.get("alias"):
             continue
-        expressions = cfg.get("expressions") or {}
-        region = (
-            (expressions.get("region") or {}).get("constant_value") if isinstance(expressions, dict) else None
-        )
+        expressions = cfg.get("expressions")
+        region = expressions.get("region") if isinstance(expressions, dict) else None
+        region = region.get("constant_value") if isinstance(region, dict) else None
         if isinstance(region, str):
             info.provider_regions[str(cfg.get("name", key))] = region
 
@@ -385,11 +383,13 @@ def _plan_provider_context(doc: dict[str, Any], info: StackInfo) -> None:
 def _plan_expressions(module: Any, prefix: str, out: dict[str, dict[str, Any]]) -> None:
     if not isinstance(module, dict):
         return
-    for r in module.get("resources") or []:
+    resources = module.get("resources")
+    for r in resources if isinstance(resources, list) else []:
         if isinstance(r, dict) and isinstance(r.get("address"), str) and isinstance(r.get("expressions"), dict):
             out[prefix + r["address"]] = r["expressions"]
-    for name, call in (module.get("module_calls") or {}).items():
-        if isinstance(call, dict):
+    calls = module.get("module_calls")
+    for name, call in calls.items() if isinstance(calls, dict) else []:
+        if isinstance(call, dict):  # nesting is bounded: the reader refuses JSON past MAX_DEPTH
             _plan_expressions(call.get("module"), f"{prefix}module.{name}.", out)
 
 

@@ -58,23 +58,33 @@ class Waiver:
         return f"{self.source}#{self.index + 1} ({self.policy} on {self.stack}:{self.resource})"
 
 
+MAX_WAIVER_BYTES = 1024 * 1024
+
+
 def load_waivers(path: Path) -> list[Waiver]:
+    from gpufleet.stacks.readers import ReadError, decode_utf8, load_yaml, read_bytes
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such waiver file; expected {WAIVER_SHAPE}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read as a waiver file ({exc})") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(
-            f"{path}: is not valid YAML ({str(exc).splitlines()[0]}); expected {WAIVER_SHAPE}"
-        ) from None
-    return parse_waivers(doc, str(path))
+        text = decode_utf8(read_bytes(path, MAX_WAIVER_BYTES, "waiver file"), str(path))
+        doc, node = load_yaml(text, str(path))
+    except ReadError as exc:
+        if exc.code == "missing":
+            raise InputError(f"{path}: no such waiver file; expected {WAIVER_SHAPE}") from None
+        raise InputError(f"{exc}; expected {WAIVER_SHAPE}") from None
+    return parse_waivers(doc, str(path), _entry_marks(node))
 
 
-def parse_waivers(doc: Any, source: str) -> list[Waiver]:
+def _entry_marks(node: yaml.Node | None) -> dict[int, str]:
+    """waivers[i] -> "line:column" where the entry starts, for messages."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    seq = next((v for k, v in node.value if getattr(k, "value", None) == "waivers"), None)
+    if not isinstance(seq, yaml.SequenceNode):
+        return {}
+    return {i: f"{e.start_mark.line + 1}:{e.start_mark.column + 1}" for i, e in enumerate(seq.value)}
+
+
+def parse_waivers(doc: Any, source: str, marks: dict[int, str] | None = None) -> list[Waiver]:
     if doc is None:
         return []  # an empty file waives nothing
     entries = doc.get("waivers") if isinstance(doc, dict) else None
@@ -82,10 +92,11 @@ def parse_waivers(doc: Any, source: str) -> list[Waiver]:
         raise InputError(f"{source}: has no `waivers` list; expected {WAIVER_SHAPE}")
     out = []
     for i, e in enumerate(entries):
-        where = f"{source}: waivers[{i}]"
+        at = (marks or {}).get(i)
+        where = f"{source}:{at}: waivers[{i}]" if at else f"{source}: waivers[{i}]"
         if not isinstance(e, dict):
             raise InputError(f"{where} must be a mapping; expected {WAIVER_SHAPE}")
-        unknown = set(e) - {"policy", "resource", "stack", "reason", "expires"}
+        unknown = {str(k) for k in e} - {"policy", "resource", "stack", "reason", "expires"}
         if unknown:
             raise InputError(
                 f"{where} has unknown key(s) {', '.join(sorted(unknown))}; expected {WAIVER_SHAPE}"
@@ -93,12 +104,15 @@ def parse_waivers(doc: Any, source: str) -> list[Waiver]:
         for key in ("policy", "resource", "reason"):
             if not isinstance(e.get(key), str) or not e[key].strip():
                 raise InputError(f"{where} needs a non-empty `{key}`; expected {WAIVER_SHAPE}")
+        stack = e.get("stack", "*")
+        if not isinstance(stack, str):  # `stack: 5` is a slip, not the stack named "5"
+            raise InputError(f"{where}.stack must be a string (a glob over stack names)")
         expires = e.get("expires")
         if isinstance(expires, str):
             try:
                 expires = dt.date.fromisoformat(expires)
             except ValueError:
-                raise InputError(f"{where}.expires {expires!r} is not an ISO date (YYYY-MM-DD)") from None
+                raise InputError(f"{where}.expires {expires[:40]!r} is not an ISO date (YYYY-MM-DD)") from None
         if isinstance(expires, dt.datetime):
             expires = expires.date()
         if not isinstance(expires, dt.date):
@@ -112,7 +126,7 @@ def parse_waivers(doc: Any, source: str) -> list[Waiver]:
                 resource=e["resource"].strip(),
                 reason=e["reason"].strip(),
                 expires=expires,
-                stack=str(e.get("stack", "*")).strip() or "*",
+                stack=stack.strip() or "*",
                 source=source,
             )
         )

@@ -100,7 +100,7 @@ def test_cli_not_enough_gpus_exits_1(tmp_path):
     "content,needle",
     [
         (None, "no such file"),
-        ("{", "not valid JSON"),
+        ("{", "is not JSON"),  # stacks/readers.py's wording, with the line and column
         ('{"schema": "gpufleet.capacity/v9", "taken_at": "x"}', "is not supported"),
         ("[]", "JSON object"),
     ],
