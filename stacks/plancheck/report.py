@@ -352,17 +352,19 @@ def print_table(result: Result, console) -> None:
         for col in ("severity", "policy", "stack", "resource", "finding"):
             table.add_column(col, overflow="fold")
         for f in _sorted(result.violations):
-            table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.policy, f.stack, f.address, f.message)
+            # Addresses, messages and reasons come from the user's files: never rich markup.
+            cells = (escape(f.policy), escape(f.stack), escape(f.address), escape(f.message))
+            table.add_row(f"[{style[f.severity]}]{f.severity}[/]", *cells)
         console.print(table)
     if result.waived:
         console.print(f"[dim]{len(result.waived)} finding(s) waived:[/]")
         for f in _sorted(result.waived):
             console.print(
-                f"[dim]  {f.policy} {f.stack} {f.address}: {f.waived_by.reason} (until "
-                f"{f.waived_by.expires})[/]"
+                f"[dim]  {escape(f.policy)} {escape(f.stack)} {escape(f.address)}: "
+                f"{escape(f.waived_by.reason)} (until {f.waived_by.expires})[/]"
             )
     for note in result.skipped_policies:
-        console.print(f"[dim]not checked: {note}[/]")
+        console.print(f"[dim]not checked: {escape(note)}[/]")
     for w in result.unused_waivers:
         console.print(f"[yellow]unused waiver:[/] {escape(w.label)}")
     for note in result.sources.notes:

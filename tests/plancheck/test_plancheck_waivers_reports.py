@@ -72,6 +72,18 @@ def test_expired_waiver_fails_even_with_fail_on_critical(tmp_path):
     assert result.exit_code == 1 and "WAIVER" in result.output
 
 
+def test_user_text_in_the_table_is_printed_verbatim_not_as_markup(tmp_path):
+    """Waiver reasons and stack globs come from the user's file: rich markup in them is text."""
+    f = tmp_path / "w.yaml"
+    f.write_text(
+        "waivers:\n  - {policy: GPU011, resource: '*', reason: 'see [red]ticket[/red] :smile:', expires: 2099-01-01}\n"
+        "  - {policy: GPU999, resource: '[bold]x[/bold]', stack: '*', reason: r, expires: 2099-01-01}\n"
+    )
+    result = runner.invoke(app, ["plan-check", str(REPLACE), "--skip-checkov", "--waivers", str(f)])
+    assert "see [red]ticket[/red] :smile: (until 2099-01-01)" in result.output  # a waived finding's reason
+    assert "[bold]x[/bold]" in result.output  # the unused waiver's label
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
