@@ -103,6 +103,7 @@ def serve(
         )
         fail(str(exc), code)
     tls = _tls(spec.router, port)
+    _raise_fd_limit()
     for peer in config.peers:
         if _cleartext(peer.router_url or ""):
             _warn(
@@ -126,7 +127,8 @@ def serve(
                 fail(f"cannot listen on {host}:{tls_port} (router.tls_port): {exc.strerror or exc}", EXIT_ENVIRONMENT)
         print(
             f"router for {region} listening on {where} "
-            f"({len(config.region.engines)} engines, {len(config.peers)} peers)",
+            f"({len(config.region.engines)} engines, {len(config.peers)} peers, "
+            f"at most {router.limits.max_connections} client connections)",
             flush=True,
         )
         try:
@@ -138,6 +140,22 @@ def serve(
         asyncio.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _raise_fd_limit(ceiling: int = 65536) -> None:
+    """Raise the soft file-descriptor limit to the hard one (at most `ceiling`), as servers do: the
+    router's connection cap is derived from it (serving/router/limits.py)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # keep the soft limit; the cap follows it
 
 
 def _warn(message: str) -> None:

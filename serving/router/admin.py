@@ -4,23 +4,26 @@ constant time; no default token exists (see config.read_admin_token)."""
 from __future__ import annotations
 
 import hmac
-import json
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from gpufleet.serving.router.gateway import HttpError
+from gpufleet.serving.router.errors import HttpError
+from gpufleet.serving.router.parsing import decode_json, read_body
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
 
 PREFIX = "/admin/v1"
+ADMIN_BODY_BYTES = 64 * 1024  # {"region": ID} or {"engine": URL}
 
 
 def authorize(request: web.Request, token: str) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
-    # compare_digest on bytes: no early exit on the first differing character.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # compare_digest on bytes: no early exit on the first differing character. aiohttp hands over
+    # bytes that are not UTF-8 as surrogates: surrogateescape turns them back into those bytes.
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, token.encode()):
         raise HttpError(
             401, "missing or wrong admin token", "authentication_error", {"WWW-Authenticate": "Bearer"}
         )
@@ -81,18 +84,22 @@ def state(router: Router) -> dict[str, Any]:
 
 
 async def _target(request: web.Request, router: Router) -> tuple[str, str]:
+    raw = await read_body(request, ADMIN_BODY_BYTES, router.limits.body_timeout_s)
     try:
-        body = json.loads(await request.read() or b"{}")
-    except ValueError:
+        body = decode_json(raw or b"{}")
+    except HttpError:
         raise HttpError(400, 'body must be JSON: {"region": ID} or {"engine": URL}') from None
     if not isinstance(body, dict) or len({"region", "engine"} & body.keys()) != 1:
         raise HttpError(400, "body must name exactly one of `region` or `engine`")
-    if "region" in body:
+    what = "region" if "region" in body else "engine"
+    if not isinstance(body[what], str) or not body[what]:
+        raise HttpError(400, f"`{what}` must be a non-empty string ({'a region id' if what == 'region' else 'a URL'})")
+    if what == "region":
         key = body["region"]
         if key not in router.config.regions:
             raise HttpError(404, f"no region {key!r} in this fleet", "NotFoundError")
         return "region", key
-    url = str(body["engine"]).rstrip("/")
+    url = body["engine"].rstrip("/")
     if url not in router.scraper.engines:
         raise HttpError(404, f"no engine {url!r} in region {router.region}", "NotFoundError")
     return "engine", url

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from gpufleet.stacks.spec import Fleet, RouterSettings
 
 MIN_TOKEN_CHARS = 16
+# A token must not be one character repeated or a short pattern ("abababab..."): at least this many
+# different characters. A random token passes: 16 random hex digits use fewer than 5 with
+# probability 4e-7, 32 of them (openssl rand -hex 16) far less.
+MIN_TOKEN_DISTINCT = 5
 
 
 class ConfigError(Exception):
@@ -73,6 +77,11 @@ def read_admin_token(settings: RouterSettings, env: Mapping[str, str] | None = N
         )
     if len(token) < MIN_TOKEN_CHARS:
         raise ConfigError(f"the admin token from {source} is shorter than {MIN_TOKEN_CHARS} characters")
+    if len(set(token)) < MIN_TOKEN_DISTINCT:
+        raise ConfigError(
+            f"the admin token from {source} has too little entropy: it uses {len(set(token))} different "
+            f"characters, at least {MIN_TOKEN_DISTINCT} are needed (make one with: openssl rand -hex 32)"
+        )
     return token
 
 

@@ -2,27 +2,46 @@
 
 One `Router` serves one region. Per request it reads the latest engine samples (never waits on a
 scrape), asks the policy for an ordered list of candidates, and tries them within the retry budget
-and the request's deadline. Streams are relayed event by event as they arrive (no buffering beyond
-one SSE event); if the engine breaks after the client has seen bytes, the stream is continued on
-another engine from the prompt plus the text already sent, so the client sees one stream.
+and the request's deadline. Its concerns live in modules of their own: reading and validating a
+request (parsing.py), candidates now or after a wait or why not (admission.py), relaying a stream
+(relay.py), continuing a broken one on another engine (continuation.py), errors as OpenAI-style
+JSON (errors.py) and the HTTP server's limits (limits.py). This module holds the `Router`: its view
+of the engines and regions, the attempts on candidates, and the app wiring.
+
+A request's fault is told from an engine's: a request the router finds invalid is answered 400
+before routing; one an engine refuses (4xx) goes back to the client as that engine answered it and
+is not tried elsewhere; an engine's 500 is tried once more on another engine, and when that one
+answers 500 too, the request is at fault (400) and neither engine's breaker counts it. A client that
+goes away cancels its request upstream (the upstream connection is closed, so vLLM aborts it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from gpufleet.serving.router import admission, continuation, logs
 from gpufleet.serving.router.breaker import BreakerBoard, CircuitBreaker
 from gpufleet.serving.router.config import RegionInfo, RouterConfig
+from gpufleet.serving.router.continuation import continuation_payload
+from gpufleet.serving.router.errors import HttpError, error_body, error_response, json_errors, snippet, upstream_error
+from gpufleet.serving.router.limits import GatewayRunner, ServerLimits
 from gpufleet.serving.router.metrics import RouterMetrics
+from gpufleet.serving.router.parsing import (
+    DEFAULT_MAX_TOKENS,
+    HOP_HEADER,
+    RESIDENCY_HEADER,
+    ROUTED_HEADER,
+    Job,
+    parse_job,
+    read_body,
+)
 from gpufleet.serving.router.policy import (
     BreakerState,
     Candidate,
@@ -32,143 +51,37 @@ from gpufleet.serving.router.policy import (
     PolicyConfig,
     RegionView,
     RoutedRequest,
-    estimate_prompt_tokens,
     headroom,
     make_policy,
     spare_headroom,
 )
+from gpufleet.serving.router.relay import ClientGone, Stream, Upstream, pump
+from gpufleet.serving.router.scale import UnmetDemand
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
 from gpufleet.serving.router.tls import CertReloader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
-ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
-RESIDENCY_HEADER = "X-Gpufleet-Residency"
-DEFAULT_MAX_TOKENS = 256  # demand assumed when a request gives no max_tokens
+# Importable from here as before the split (admin, regions, scale, the CLI and the tests use them).
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "HOP_HEADER",
+    "RESIDENCY_HEADER",
+    "ROUTED_HEADER",
+    "HttpError",
+    "Router",
+    "continuation_payload",
+    "error_body",
+    "error_response",
+]
+
 _HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade")
 )
-_RETRYABLE_STATUS = frozenset((429, 500, 502, 503, 504))
-
-
-class HttpError(Exception):
-    """Answered to the client as an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.headers = status, message, type_, headers or {}
-
-    def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type, self.headers)
-
-
-def error_body(status: int, message: str, type_: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": None, "code": status}}
-
-
-def error_response(
-    status: int, message: str, type_: str = "invalid_request_error", headers=None
-) -> web.Response:
-    return web.json_response(error_body(status, message, type_), status=status, headers=headers)
-
-
-class _Upstream(Exception):
-    """One attempt failed before the client saw a byte; try the next candidate."""
-
-    def __init__(self, reason: str, penalize: bool = True) -> None:
-        super().__init__(reason)
-        self.penalize = penalize  # False: not the target's fault (e.g. it is merely full)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-@dataclass
-class _Stream:
-    """What has been relayed of one streamed answer so far (for continuation).
-
-    Only a broken stream needs the text, so the relay does not parse events: it keeps each relayed
-    event's `data:` payload in `raw` and `settle()` parses them when the text is wanted (a break), or
-    in one batch once `raw` grows past `_RAW_LIMIT` bytes (bounds memory on long answers).
-    """
-
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0  # text pieces in `text`
-    finished: bool = False  # a finish_reason was relayed
-    chunk_id: str | None = None
-    bytes_out: int = 0
-    key: object = None  # the current attempt's ledger entry
-    raw: list[bytes] = field(default_factory=list)  # relayed data payloads not parsed yet
-    raw_bytes: int = 0
-
-    def add(self, data: bytes) -> None:
-        self.raw.append(data)
-        self.raw_bytes += len(data)
-        if self.raw_bytes > _RAW_LIMIT:
-            self.settle()
-
-    @property
-    def materialized(self) -> int:
-        """Tokens relayed so far; an unparsed event counts as one (exact after `settle`)."""
-        return self.tokens + len(self.raw)
-
-    def settle(self) -> None:
-        """Parse the pending payloads into text, tokens, finished and the first chunk id."""
-        raw, self.raw, self.raw_bytes = self.raw, [], 0
-        if not raw:
-            return
-        try:
-            # One C-level parse for the lot; a payload that is not one JSON value each (garbage, or
-            # text that would merge with its neighbours) falls back to one parse per payload.
-            chunks = json.loads(b"[" + b",".join(raw) + b"]")
-            if len(chunks) != len(raw):
-                raise ValueError("payloads do not map one to one")
-        except ValueError:
-            chunks = [_loads_or_none(d) for d in raw]
-        for chunk in chunks:
-            self.note(chunk)
-
-    def note(self, chunk: Any) -> None:
-        """Note the text one parsed chunk carries."""
-        if not isinstance(chunk, dict):
-            return
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(text, str) and text:
-                self.text.append(text)
-                self.tokens += 1
-            if choice.get("finish_reason"):
-                self.finished = True
-        if self.chunk_id is None and isinstance(chunk.get("id"), str):
-            self.chunk_id = chunk["id"]
-
-
-_RAW_LIMIT = 64 * 1024  # unparsed SSE payload bytes kept per stream before a batch parse
-
-
-def _loads_or_none(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class _Job:
-    kind: str  # "chat" | "completions"
-    path: str
-    body: bytes
-    payload: dict[str, Any]
-    stream: bool
-    prompt_tokens: int
-    routed: RoutedRequest
-    headers: dict[str, str]
-    deadline: float
-    received: float = 0.0  # time.perf_counter() when the handler started (router overhead metric)
+UPSTREAM_KEEPALIVE_S = 4.0  # idle connections to engines and peers are closed after this
+_GATEWAY_STATUS = frozenset((502, 503, 504))  # something in front of the engine: never the body's fault
+# requests_total's outcome for the router's own error answers
+_OUTCOMES = {400: "bad_request", 404: "bad_request", 408: "bad_request", 413: "bad_request",
+             429: "rejected", 503: "unavailable"}  # fmt: skip
 
 
 class Router:
@@ -177,8 +90,10 @@ class Router:
         config: RouterConfig,
         policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.config = config
+        self.limits = limits or ServerLimits()
         s = config.settings
         self.clock = clock
         self.policy_config = PolicyConfig.from_settings(s, config.slo_tpot_ms / 1000.0)
@@ -200,23 +115,26 @@ class Router:
         self.outstanding: dict[str, int] = {}
         self.queued = 0
         self.queued_tokens = 0  # the demand (need_tokens) of the requests in `queued`
-        from gpufleet.serving.router.scale import UnmetDemand  # (scale imports this module)
-
         self.unmet = UnmetDemand()  # spilled and refused demand, for /scale
         self._room = asyncio.Event()
         self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
-        self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (_watched)
+        self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (watched)
         self.metrics = RouterMetrics(self, clock)
         # Peer summaries: filled by gpufleet.serving.router.regions.PeerReader.
         self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
-        self._runner: web.AppRunner | None = None
+        self._runner: GatewayRunner | None = None
         self.port: int | None = None
         self.tls: CertReloader | None = None  # set by start_tls
         self.tls_port: int | None = None
 
     # ---- views for the policy --------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The client session for requests upstream (None until `start`)."""
+        return self._session
 
     @property
     def region(self) -> str:
@@ -326,6 +244,9 @@ class Router:
         # ... and, as a last resort, into any healthy engine (saturated ones too).
         fits = [0.0 if drained or v.drained else headroom(v, now, self.policy_config) for v in views]
         ages = [v.age(now) for v in views if v.sampled_at is not None]
+        # The largest engine's whole KV cache, once every engine has reported (peers tell from it
+        # whether a request can ever fit here: admission.unservable).
+        caps = [v.capacity_tokens for v in views if v.sampled_at is not None]
         return {
             "region": self.region,
             "tier": self.config.region.tier,
@@ -341,6 +262,7 @@ class Router:
             "healthy_engines": sum(1 for v in views if v.healthy and not v.drained),
             "engines": len(views),
             "data_age_s": max(ages) if ages else None,  # None: no engine sampled yet
+            "largest_capacity_tokens": max(caps) if caps and len(caps) == len(views) else None,
             # Demand refused here for lack of room anywhere (peak tokens in one second of the last
             # minute): peers that can still grow take a share of it into their own /scale.
             "unmet_tokens": self.unmet.peaks(now)[1],
@@ -370,12 +292,17 @@ class Router:
         self._room.set()
         self._room = asyncio.Event()
 
+    def room_event(self) -> asyncio.Event:
+        """Set at the next scrape round (room may have come): what queued requests wait on."""
+        return self._room
+
+
     # ---- lifecycle --------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         from gpufleet.serving.router import admin, regions, scale
 
-        app = web.Application(client_max_size=self.config.settings.max_body_bytes + 1)
+        app = web.Application(client_max_size=self.config.settings.max_body_bytes + 1, middlewares=[json_errors])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -392,7 +319,10 @@ class Router:
         from gpufleet.serving.router.regions import PeerReader
 
         s = self.config.settings
-        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        # vLLM closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, vllm/envs.py, v0.11.0):
+        # drop ours sooner, or a request could go out on a connection the engine is closing and
+        # fail as if the engine had.
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self._tasks.append(asyncio.create_task(self.scraper.run(), name=f"scrape-{self.region}"))
         if self.config.region.engines_dns:
@@ -400,7 +330,8 @@ class Router:
         if self.config.peers:
             reader = PeerReader(self, interval_s=s.scrape_interval_s, timeout_s=s.scrape_timeout_s)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"peers-{self.region}"))
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._tasks.append(asyncio.create_task(self._flush_logs(logs.install()), name=f"logs-{self.region}"))
+        self._runner = GatewayRunner(self.app(), self.limits)
         await self._runner.setup()
         site: web.BaseSite = (
             web.SockSite(self._runner, sock) if sock else web.TCPSite(self._runner, host, port)
@@ -413,7 +344,7 @@ class Router:
         self, tls: CertReloader, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None
     ) -> int:
         """Serve the same app over HTTPS too (after `start`), with `tls.context`; `tls.run()` re-reads
-        the certificate and key when their files change."""
+        the certificate and key when their files change. One connection cap covers both."""
         assert self._runner is not None, "start() first"
         site: web.BaseSite = (
             web.SockSite(self._runner, sock, ssl_context=tls.context)
@@ -435,6 +366,12 @@ class Router:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+    @staticmethod
+    async def _flush_logs(repeats: logs.RepeatFilter) -> None:
+        while True:
+            await asyncio.sleep(repeats.window_s)
+            repeats.flush()
 
     async def _discover(self) -> None:
         """Re-resolve engines_dns periodically; static engines stay."""
@@ -508,6 +445,7 @@ class Router:
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+
     # ---- the request path -------------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -517,151 +455,39 @@ class Router:
         return await self._handle(request, "completions")
 
     async def _handle(self, request: web.Request, kind: str) -> web.StreamResponse:
+        """Exactly one answer per request: the engine's, or an OpenAI-style error. A client that goes
+        away is counted `client_cancelled` (`origin_cancelled` when the client is a peer router that
+        forwarded the request): aiohttp cancels this handler when its connection is lost, and the
+        attempts close their upstream connection on the way out."""
         received = time.perf_counter()
         try:
-            job = await self._parse(request, kind, received)
-        except HttpError as exc:
-            self.metrics.outcome(self.region, "bad_request")
-            return exc.response()
-        try:
+            body = await read_body(request, self.config.settings.max_body_bytes, self.limits.body_timeout_s)
+            deadline = self.clock() + self.config.settings.request_timeout_s
+            job = parse_job(self.config, request, body, kind, deadline, received)
             return await self._serve(request, job)
         except HttpError as exc:
-            outcome = "rejected" if exc.status == 429 else "error"
-            self.metrics.outcome(self.region, outcome)
+            self.metrics.outcome(self.region, _OUTCOMES.get(exc.status, "error"))
             return exc.response()
-        except _ClientGone:
-            self.metrics.outcome(self.region, "client_gone")
-            return web.Response(status=499)
+        except ClientGone as exc:
+            self.metrics.outcome(self.region, _cancelled(request))
+            return exc.response or web.Response(status=499)
+        except asyncio.CancelledError:
+            self.metrics.outcome(self.region, _cancelled(request))
+            raise
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.config.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise HttpError(413, f"request body is larger than {limit} bytes", "invalid_request_error")
-        chunks, size = [], 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, f"request body is larger than {limit} bytes", "invalid_request_error")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _parse(self, request: web.Request, kind: str, received: float = 0.0) -> _Job:
-        body = await self._read_body(request)
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise HttpError(400, "request body must be a JSON object")
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            raise HttpError(400, "`model` is required")
-        if model not in self.config.models:
-            raise HttpError(
-                404,
-                f"The model `{model}` does not exist. Served here: {', '.join(self.config.models)}",
-                "NotFoundError",
-            )
-        if kind == "chat":
-            messages = payload.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise HttpError(400, "`messages` must be a non-empty list")
-            chars = sum(len(str(m.get("content", ""))) if isinstance(m, dict) else 0 for m in messages)
-        else:
-            prompt = payload.get("prompt")
-            if not isinstance(prompt, str | list) or not prompt:
-                raise HttpError(400, "`prompt` is required")
-            # A token id stands for about 4 characters.
-            chars = (
-                len(prompt)
-                if isinstance(prompt, str)
-                else sum(len(p) if isinstance(p, str) else 4 for p in prompt)
-            )
-        max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-        ):
-            raise HttpError(400, "`max_tokens` must be a positive integer")
-        prompt_tokens = estimate_prompt_tokens(chars)
-        if max_tokens is not None and max_tokens > self.config.models[model]:
-            raise HttpError(
-                400, f"max_tokens {max_tokens} exceeds the model's context ({self.config.models[model]})"
-            )
-        need = prompt_tokens + (max_tokens or DEFAULT_MAX_TOKENS)
-        hop = request.headers.get(HOP_HEADER)
-        residency = request.headers.get(RESIDENCY_HEADER) or self.config.region.residency
-        routed = RoutedRequest(
-            need_tokens=need,
-            model=model,
-            residency=residency,
-            affinity_key=str(hash(body[:256])),
-            allow_remote=hop is None,
-        )
-        headers = {"Content-Type": "application/json", HOP_HEADER: hop or self.region}
-        if "Authorization" in request.headers:
-            headers["Authorization"] = request.headers["Authorization"]
-        deadline = self.clock() + self.config.settings.request_timeout_s
-        stream = bool(payload.get("stream"))
-        return _Job(
-            kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received
-        )
-
-    async def _admit(self, job: _Job) -> list[Candidate]:
-        """Candidates now, or after a short wait in the bounded queue, or 429."""
-        cands = self.choose(job.routed)
-        if cands:
-            return cands
-        s = self.config.settings
-        # A forwarded request does not queue here: the origin router has other candidates.
-        wait = 0.0 if not job.routed.allow_remote else s.queue_wait_s
-        retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
-        if wait <= 0 or self.queued >= s.queue_max:
-            self._refused(job)
-            raise HttpError(
-                429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
-            )
-        self.queued += 1
-        self.queued_tokens += job.routed.need_tokens
-        try:
-            until = min(job.deadline, self.clock() + wait)
-            while True:
-                left = until - self.clock()
-                if left <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._room.wait(), left)
-                except TimeoutError:
-                    pass
-                cands = self.choose(job.routed)
-                if cands:
-                    return cands
-        finally:
-            self.queued -= 1
-            self.queued_tokens -= job.routed.need_tokens
-        self._refused(job)
-        raise HttpError(
-            429, "no engine has room for this request now; retry later", "rate_limit_error", retry_after
-        )
-
-    def _refused(self, job: _Job) -> None:
-        """A 429: no room. Unless the region is drained, it is demand for more engines (/scale)."""
-        self.metrics.rejected.inc()
-        if self.region not in self.drained_regions:
-            self.unmet.refused(job.routed.need_tokens, self.clock())
-
-    def _take(self, cands: list[Candidate]) -> Candidate | None:
+    def take(self, cands: list[Candidate]) -> Candidate | None:
         """The first candidate whose breaker lets a request through now (half-open: as the probe)."""
         now = self.clock()
         for c in cands:
-            if self._breaker(c).allow(now):
+            if self.breaker(c).allow(now):
                 return c
         return None
 
-    def _record(self, cand: Candidate, ok: bool) -> None:
+    def record(self, cand: Candidate, ok: bool) -> None:
         # Local engines each have a breaker; a region's breaker guards forwarding to its router, so
         # one sick local engine cannot shut the whole local region.
         now = self.clock()
-        b = self._breaker(cand)
+        b = self.breaker(cand)
         b.success(now) if ok else b.failure(now)
 
     def _url(self, cand: Candidate, path: str) -> str:
@@ -670,53 +496,80 @@ class Router:
         peer: RegionInfo = self.config.regions[cand.region]
         return f"{peer.router_url}{path}"
 
-    async def _serve(self, request: web.Request, job: _Job) -> web.StreamResponse:
-        cands = await self._admit(job)
+    async def _serve(self, request: web.Request, job: Job) -> web.StreamResponse:
+        """Try the candidates within the retry budget and the deadline.
+
+        An engine's 500 is a suspect, not yet a failure: the next engine decides. Another 500 for the
+        same body means the request is at fault (400, no further attempt, neither breaker counts
+        it); an answer means the first engine was (its breaker counts the failure then)."""
+        cands = await admission.admit(self, job)
         failed: set[str] = set()
         attempts = 0
         budget = self.config.settings.retry_budget
         last_error = "no candidate"
         only_full = True  # every failure so far was a target saying it is full (429)
-        while attempts <= budget:
-            cand = self._take(cands)
-            if cand is None:
-                break
-            if attempts:
-                self.metrics.retries.inc()
-            else:
-                self.metrics.overhead_request.observe(time.perf_counter() - job.received)
-            attempts += 1
-            try:
-                return await self._attempt(request, job, cand, job.body, job.payload)
-            except _Upstream as exc:
-                last_error = f"{cand.target}: {exc}"
-                failed.add(cand.target)
-                if exc.penalize:
-                    only_full = False
-                    self._record(cand, ok=False)
+        suspect: Candidate | None = None  # answered 500; whose fault is not known yet
+        try:
+            while attempts <= budget:
+                cand = self.take(cands)
+                if cand is None:
+                    break
+                if attempts:
+                    self.metrics.retries.inc()
                 else:
-                    self._release(cand)
-            if self.clock() >= job.deadline:
-                break
-            cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
+                    self.metrics.overhead_request.observe(time.perf_counter() - job.received)
+                attempts += 1
+                try:
+                    answer = await self._attempt(request, job, cand)
+                except Upstream as exc:
+                    last_error = f"{cand.target}: {exc}"
+                    failed.add(cand.target)
+                    if exc.suspect and suspect is not None:
+                        # The same body broke two engines: the request's fault, not theirs.
+                        self.release(cand)
+                        self.release(suspect)
+                        suspect = None
+                        raise HttpError(
+                            400,
+                            f"the request could not be processed: two engines failed on it ({last_error})",
+                        ) from None
+                    if exc.suspect:
+                        suspect = cand
+                        only_full = False
+                    elif exc.penalize:
+                        only_full = False
+                        self.record(cand, ok=False)
+                    else:
+                        self.release(cand)
+                else:
+                    if suspect is not None:  # another engine answered: the first one was at fault
+                        self.record(suspect, ok=False)
+                        suspect = None
+                    return answer
+                if self.clock() >= job.deadline:
+                    break
+                cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
+        finally:
+            if suspect is not None:
+                # Nothing confirmed either way (no other engine, the budget spent, the client gone):
+                # a poison request must not open a breaker, so this one is not counted.
+                self.release(suspect)
         if only_full:
-            s = self.config.settings
-            self._refused(job)
-            retry_after = {"Retry-After": str(max(1, math.ceil(s.queue_wait_s or s.scrape_interval_s)))}
+            admission.refused(self, job)
             raise HttpError(
-                429, f"no room for this request now ({last_error})", "rate_limit_error", retry_after
+                429, f"no room for this request now ({last_error})", headers=admission.retry_after(self)
             )
         raise HttpError(503, f"no engine could serve the request ({last_error})", "service_unavailable")
 
-    def _breaker(self, cand: Candidate) -> CircuitBreaker:
+    def breaker(self, cand: Candidate) -> CircuitBreaker:
         if cand.engine is not None:
             return self.breakers.engine(cand.engine)
         return self.breakers.region(cand.region)
 
-    def _release(self, cand: Candidate) -> None:
-        self._breaker(cand).release()
+    def release(self, cand: Candidate) -> None:
+        self.breaker(cand).release()
 
-    def _note_sent(self, cand: Candidate, job: _Job, key: object) -> None:
+    def note_sent(self, cand: Candidate, job: Job, key: object) -> None:
         # The whole demand counts against the target until the answer shows up in its KV cache.
         now = self.clock()
         self.ledger.routed(cand.target, key, job.routed.need_tokens, now)
@@ -727,7 +580,7 @@ class Router:
             if self.region not in self.drained_regions:  # spilled for lack of local room (/scale)
                 self.unmet.spill_started(key, job.routed.need_tokens, now)
 
-    def _note_done(self, cand: Candidate, key: object) -> None:
+    def note_done(self, cand: Candidate, key: object) -> None:
         self.ledger.done(key)
         if cand.engine is not None:
             n = self.outstanding.get(cand.engine, 1) - 1
@@ -738,7 +591,7 @@ class Router:
         else:
             self.unmet.spill_ended(key, self.clock())
 
-    async def _watched(self, awaitable, cand: Candidate):
+    async def watched(self, awaitable, cand: Candidate):
         """Await an engine's answer, but give up when the scraper finds the engine dead meanwhile.
 
         A hung engine accepts the request and never answers; a non-streamed answer may rightly take
@@ -760,7 +613,7 @@ class Router:
             if not cm.expired():
                 raise  # the request's own timeout
             state = self.scraper.engines.get(cand.engine)
-            raise _Upstream(f"engine stopped answering ({state.error if state else 'gone'})") from None
+            raise Upstream(f"engine stopped answering ({state.error if state else 'gone'})") from None
 
     def _expire_hung(self) -> None:
         for url, waits in self._waits.items():
@@ -770,58 +623,76 @@ class Router:
                     if not cm.expired():
                         cm.reschedule(-1)  # in the past: fires on the next loop iteration
 
-    async def _open(self, cand: Candidate, job: _Job, body: bytes) -> aiohttp.ClientResponse:
-        """POST to the candidate; the response with headers read, or `_Upstream`."""
+
+    async def open_upstream(self, cand: Candidate, job: Job, body: bytes) -> aiohttp.ClientResponse:
+        """POST to the candidate; the response with headers read, or `Upstream`."""
         assert self._session is not None
         s = self.config.settings
         left = job.deadline - self.clock()
         if left <= 0:
-            raise _Upstream("deadline passed", penalize=False)
+            raise Upstream("deadline passed", penalize=False)
         # Until the first byte the request may rightly wait in the engine's queue, so reads are bounded
-        # by its deadline only; `_pump` tightens a stream to idle_timeout_s once its first byte came.
+        # by its deadline only; `pump` tightens a stream to idle_timeout_s once its first token came.
         timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=left)
         post = self._session.post(self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout)
         try:
-            resp = await self._watched(post, cand)
+            resp = await self.watched(post, cand)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _Upstream(f"{type(exc).__name__}: {exc}") from None
-        if resp.status in _RETRYABLE_STATUS:
+            raise Upstream(f"{type(exc).__name__}: {exc}") from None
+        if resp.status == 429:
             resp.release()
-            # 429 means full, not broken: move on without opening the breaker.
-            raise _Upstream(f"answered {resp.status}", penalize=resp.status != 429)
+            raise Upstream("answered 429", penalize=False)  # full, not broken: no breaker failure
+        if resp.status >= 500:
+            detail = ""
+            if resp.status not in _GATEWAY_STATUS:
+                try:
+                    async with asyncio.timeout(min(1.0, left)):
+                        detail = ": " + snippet(await resp.content.read(4096), 200)
+                except (aiohttp.ClientError, TimeoutError, OSError):
+                    pass
+            resp.close()
+            # 502/503/504 say the engine is unavailable; any other 5xx may be the body's doing.
+            raise Upstream(f"answered {resp.status}{detail}", suspect=resp.status not in _GATEWAY_STATUS)
         return resp
 
-    async def _attempt(
-        self, request: web.Request, job: _Job, cand: Candidate, body: bytes, payload: dict[str, Any]
-    ) -> web.StreamResponse:
+    async def _attempt(self, request: web.Request, job: Job, cand: Candidate) -> web.StreamResponse:
         key = object()
         # Reserve before the first await, so concurrent requests see this one's demand.
-        self._note_sent(cand, job, key)
+        self.note_sent(cand, job, key)
+        resp: aiohttp.ClientResponse | None = None
+        finished = False  # the upstream answer was read to its end: its connection may be reused
         try:
-            resp = await self._open(cand, job, body)
-        except _Upstream:
-            self._note_done(cand, key)
+            resp = await self.open_upstream(cand, job, job.body)
+            if job.stream and resp.status == 200:
+                answer = await self._relay(request, job, cand, resp, key)
+                finished = True
+                return answer
+            try:
+                data = await self.watched(resp.read(), cand)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise Upstream(f"answer broke: {type(exc).__name__}") from None
+            finished = True
+            # A 4xx is the engine refusing the request (it is up): relayed, never tried elsewhere.
+            self.record(cand, ok=True)
+            headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+            headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
+            if resp.status >= 400:
+                self.metrics.outcome(cand.region, "upstream_4xx")
+                return upstream_error(resp.status, data, headers)
+            self.metrics.outcome(cand.region, "ok")
+            return web.Response(status=resp.status, body=data, headers=headers)
+        except (ClientGone, asyncio.CancelledError):
+            self.release(cand)  # the client left: not the engine's fault
             raise
-        try:
-            if not job.stream or resp.status != 200:
-                try:
-                    data = await self._watched(resp.read(), cand)
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    raise _Upstream(f"answer broke: {type(exc).__name__}") from None
-                self._record(cand, ok=True)
-                self.metrics.outcome(cand.region, "ok" if resp.status < 400 else "upstream_4xx")
-                headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-                headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
-                return web.Response(status=resp.status, body=data, headers=headers)
-            return await self._relay(request, job, cand, resp, key)
         finally:
-            resp.release()
-            self._note_done(cand, key)
-
-    # ---- streaming --------------------------------------------------------------------------------
+            if resp is not None:
+                # Not read to its end (the client left, the stream broke): close the connection, so
+                # the engine sees the request abandoned and aborts it (vLLM does on disconnect).
+                resp.release() if finished else resp.close()
+            self.note_done(cand, key)
 
     async def _relay(
-        self, request: web.Request, job: _Job, cand: Candidate, resp: aiohttp.ClientResponse, key: object
+        self, request: web.Request, job: Job, cand: Candidate, resp: aiohttp.ClientResponse, key: object
     ) -> web.StreamResponse:
         out = web.StreamResponse(
             status=200,
@@ -835,280 +706,29 @@ class Router:
         try:
             await out.prepare(request)
         except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-            raise _ClientGone() from exc
-        stream = _Stream(key=key)
+            raise ClientGone() from exc
+        stream = Stream(key=key)
         try:
-            done, broke = await self._pump(job, resp, out, stream, False, cand)
+            done, broke = await pump(self, job, resp, out, stream, False, cand)
             if done:
-                self._record(cand, ok=True)
+                self.record(cand, ok=True)
                 self.metrics.outcome(cand.region, "ok")
             else:
-                self._record(cand, ok=False)
-                if not await self._continue(request, job, cand, out, stream, broke):
+                self.record(cand, ok=False)
+                if not await continuation.continue_stream(self, request, job, cand, out, stream, broke):
                     self.metrics.outcome(cand.region, "stream_error")
-        except _ClientGone:
-            # The client left mid-stream: not the engine's fault, and nobody to answer.
-            self._release(cand)
-            self.metrics.outcome(cand.region, "client_gone")
-            return out
+        except ClientGone as exc:
+            exc.response = out
+            raise
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return out  # the relay was broken on purpose (continuation.py): nothing more to send
         try:
             await out.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass
         return out
 
-    async def _write(self, out: web.StreamResponse, data: bytes) -> None:
-        try:
-            if data:
-                await out.write(data)
-        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-            raise _ClientGone() from exc
 
-    async def _pump(
-        self,
-        job: _Job,
-        resp: aiohttp.ClientResponse,
-        out: web.StreamResponse,
-        stream: _Stream,
-        rewrite_id: bool,
-        cand: Candidate,
-    ) -> tuple[bool, str]:
-        """Relay SSE events until [DONE]. Returns (completed, why it broke).
-
-        What arrives is written on at once, up to its last complete event (a client never sees half
-        an event, so a continuation can follow any byte sent); several events that arrived together
-        go out in one write. Events are split only for bookkeeping.
-        """
-        tail = b""  # an incomplete event, waiting for the rest
-        first = stream.bytes_out == 0 and not rewrite_id
-        content = resp.content
-        # Until its first token the request may rightly wait in the engine's queue: reads wait up to
-        # the deadline (set in `_open`; the hung-engine watch applies). From the first token on,
-        # silence longer than idle_timeout_s means the stream broke. Not from the first byte: an
-        # engine may send the role chunk before the request leaves its queue.
-        started = False
-        tokens_before = stream.tokens  # a continuation starts with the text already relayed
-        try:
-            while True:
-                data = await (content.readany() if started else self._watched(content.readany(), cand))
-                if not data:
-                    break
-                if first:
-                    t_in = time.perf_counter()
-                if tail:
-                    data = tail + data
-                if b"\r" in data:  # CRLF line ends: normalise, so events split on one separator
-                    data = data.replace(b"\r\n", b"\n")
-                end = data.rfind(b"\n\n")
-                if end < 0:
-                    tail = data
-                    continue
-                end += 2
-                data, tail = data[:end], data[end:]
-                data, done = self._events(data, stream, rewrite_id)
-                await self._write(out, data)
-                if first:
-                    self.metrics.overhead_relay.observe(time.perf_counter() - t_in)
-                    first = False
-                stream.bytes_out += len(data)
-                if done:
-                    return True, ""
-                if not started:
-                    stream.settle()  # parse only until the first token
-                    if stream.tokens > tokens_before or stream.finished:
-                        _idle_timeout(resp, self.config.settings.idle_timeout_s)
-                        started = True
-                self.ledger.progress(stream.key, job.prompt_tokens + stream.materialized)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return False, f"{type(exc).__name__}"
-        except _Upstream as exc:  # the scraper found the engine dead while the request waited
-            return False, str(exc)
-        return False, "stream ended without [DONE]"
-
-    @staticmethod
-    def _events(data: bytes, stream: _Stream, rewrite_id: bool) -> tuple[bytes, bool]:
-        """Note the complete events in `data` (it ends with a separator); returns what to relay and
-        whether [DONE] came. Nothing after [DONE] is relayed."""
-        events = data.split(b"\n\n")
-        events.pop()
-        if rewrite_id:
-            return Router._rewrite(events, stream)
-        pos = 0
-        for event in events:
-            pos += len(event) + 2
-            if event.startswith(b"data: ") and b"\n" not in event:  # the usual shape: one data line
-                payloads = [event[6:].strip()]
-            else:
-                payloads = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
-            for payload in payloads:
-                if payload == b"[DONE]":
-                    return data[:pos], True
-                stream.add(payload)
-        return data, False
-
-    @staticmethod
-    def _rewrite(events: list[bytes], stream: _Stream) -> tuple[bytes, bool]:
-        """A continuation's events, each chunk parsed at once and given the first stream's id."""
-        out: list[bytes] = []
-        for event in events:
-            lines = [ln + b"\n" for ln in event.split(b"\n") if ln.strip()]
-            if not lines:
-                continue
-            for i, line in enumerate(lines):
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        out.append(b"data: [DONE]\n\n")
-                        return b"".join(out), True
-                    lines[i] = Router._observe(payload, stream, True) or line
-            out.extend(lines)
-            out.append(b"\n")
-        return b"".join(out), False
-
-    @staticmethod
-    def _observe(data: bytes, stream: _Stream, rewrite_id: bool) -> bytes | None:
-        """Note the text a chunk carries at once; on a continuation, give it the first stream's id."""
-        stream.settle()
-        chunk = _loads_or_none(data)
-        stream.note(chunk)
-        if (
-            rewrite_id
-            and isinstance(chunk, dict)
-            and stream.chunk_id is not None
-            and chunk.get("id") != stream.chunk_id
-        ):
-            chunk["id"] = stream.chunk_id
-            return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
-        return None
-
-    async def _continue(
-        self,
-        request: web.Request,
-        job: _Job,
-        broken: Candidate,
-        out: web.StreamResponse,
-        stream: _Stream,
-        why: str,
-    ) -> bool:
-        """Continue a broken stream elsewhere; on failure end it with an error event. True if completed."""
-        stream.settle()  # the exact text the client has seen
-        if stream.finished:
-            # Everything but [DONE] arrived: close it properly.
-            await self._write(out, b"data: [DONE]\n\n")
-            self.metrics.outcome(broken.region, "ok")
-            return True
-        failed = {broken.target}
-        # Nothing relayed yet: the original request is its own continuation.
-        payload = (
-            continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
-            if stream.text
-            else job.payload
-        )
-        attempts = 0
-        while (
-            payload is not None
-            and attempts <= self.config.settings.retry_budget
-            and self.clock() < job.deadline
-        ):
-            # The new engine holds the prompt, the text so far and the rest: the same demand.
-            cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
-            cand = self._take(cands)
-            if cand is None:
-                break
-            attempts += 1
-            body = json.dumps(payload).encode()
-            key = stream.key = object()
-            self._note_sent(cand, job, key)
-            try:
-                resp = await self._open(cand, job, body)
-            except _Upstream as exc:
-                self._note_done(cand, key)
-                failed.add(cand.target)
-                self._record(cand, ok=False) if exc.penalize else self._release(cand)
-                continue
-            try:
-                if resp.status != 200:
-                    failed.add(cand.target)
-                    self._release(cand)
-                    continue
-                done, why = await self._pump(job, resp, out, stream, True, cand)
-            finally:
-                resp.release()
-                self._note_done(cand, key)
-            if done:
-                self._record(cand, ok=True)
-                self.metrics.continuations.labels("ok").inc()
-                self.metrics.outcome(cand.region, "continued")
-                return True
-            self._record(cand, ok=False)
-            failed.add(cand.target)
-            stream.settle()
-            if stream.finished:
-                return await self._continue(request, job, cand, out, stream, why)
-            payload = continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
-        self.metrics.continuations.labels("failed").inc()
-        if not job.routed.allow_remote and request.transport is not None:
-            # A request forwarded by a peer: the origin router owns the client's stream and may try
-            # regions this router may not (one hop only). Break the relay instead of ending it with
-            # an error event, so the origin sees a broken stream and continues it elsewhere.
-            request.transport.close()
-            return False
-        err = error_body(502, f"the stream broke ({why}) and could not be continued", "service_unavailable")
-        await self._write(out, b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
-        return False
-
-
-def _idle_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
-    """From now on, a read on this response that waits longer than `seconds` fails (aiohttp's
-    sock_read, changed on the open connection and restarted from now)."""
-    conn = resp.connection
-    proto = conn.protocol if conn is not None else None
-    if proto is not None:
-        proto.read_timeout = seconds
-        if not resp.content.is_eof():  # at EOF aiohttp has dropped the timer for good
-            proto.start_timeout()
-
-
-def continuation_payload(
-    kind: str, payload: dict[str, Any], text: str, tokens_sent: int
-) -> dict[str, Any] | None:
-    """The request that continues an answer from `text` (what the client has already received).
-
-    Chat: the text so far becomes a final assistant message that vLLM continues
-    (continue_final_message=true, add_generation_prompt=false). Completions: the prompt plus the
-    text. max_tokens shrinks by what was sent. None when the request cannot be continued (several
-    choices, a token-id prompt, or nothing left to generate).
-    """
-    if payload.get("n", 1) not in (1, None) or payload.get("best_of", 1) not in (1, None):
-        return None
-    p = dict(payload)
-    for key in ("max_tokens", "max_completion_tokens"):
-        if isinstance(p.get(key), int):
-            left = p[key] - tokens_sent
-            if left < 1:
-                return None
-            p[key] = left
-    if kind == "chat":
-        messages = list(payload["messages"])
-        last = messages[-1] if messages else None
-        if (
-            payload.get("continue_final_message")
-            and isinstance(last, dict)
-            and last.get("role") == "assistant"
-            and isinstance(last.get("content"), str)
-        ):
-            messages[-1] = {**last, "content": last["content"] + text}
-        else:
-            messages.append({"role": "assistant", "content": text})
-        p["messages"] = messages
-        p["continue_final_message"] = True
-        p["add_generation_prompt"] = False
-        return p
-    prompt = payload.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        return None
-    p["prompt"] = prompt + text
-    p.pop("echo", None)
-    return p
+def _cancelled(request: web.Request) -> str:
+    return "origin_cancelled" if HOP_HEADER in request.headers else "client_cancelled"

@@ -1,7 +1,7 @@
 """Regions: each router publishes its region's summary; peers read it and forward what does not fit.
 
 The summary endpoint is authenticated with the fleet's admin token (peers share it). A forwarded
-request carries the hop header (gateway.HOP_HEADER); the receiving router routes it only to its own
+request carries the hop header (parsing.HOP_HEADER); the receiving router routes it only to its own
 engines, so a request crosses at most one region boundary and cannot loop.
 """
 
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 from gpufleet.serving.router.admin import authorize
-from gpufleet.serving.router.gateway import HttpError
+from gpufleet.serving.router.errors import HttpError
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from gpufleet.serving.router.admin import authorize
-from gpufleet.serving.router.gateway import HttpError
+from gpufleet.serving.router.errors import HttpError
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router

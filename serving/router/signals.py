@@ -44,7 +44,8 @@ class MetricsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """What one scrape of one engine said. Values are summed over its engine cores (data parallel)."""
+    """What one scrape of one engine said. Values are summed over its engine cores (data parallel;
+    each core's num_gpu_blocks is its share of the sum vLLM reports: `parse_metrics`)."""
 
     kv_usage: float  # 0..1, the busiest view over cores weighted by blocks
     num_gpu_blocks: int
@@ -147,6 +148,13 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
 
     if not config:
         raise MetricsError("no vllm:cache_config_info (num_gpu_blocks, block_size)")
+    # Under data parallelism vLLM labels every engine core's cache_config_info with the SUM of
+    # num_gpu_blocks over the cores (vllm/v1/engine/utils.py, wait_for_engine_startup: "Sum values
+    # from all engines in DP case", v0.11.0; vllm/v1/metrics/loggers.py then emits that one
+    # cache_config per engine index): each core has its share.
+    cores_n = len(config)
+    if cores_n > 1:
+        config = {core: (blocks // cores_n, bsize) for core, (blocks, bsize) in config.items()}
     free = used = 0.0
     blocks = 0
     block_size = 0

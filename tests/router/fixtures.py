@@ -52,12 +52,14 @@ PREVIOUS = (
     .replace("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
 )
 
-# Two engine cores under data parallelism, each with its own cache.
+# Two engine cores under data parallelism, each with its own cache of 100 blocks. As vLLM 0.11 does,
+# every core's cache_config_info carries the SUM over the cores (vllm/v1/engine/utils.py,
+# wait_for_engine_startup), 200: the parser must not count it once per core.
 DATA_PARALLEL = """\
 vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5
 vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.0
 vllm:num_requests_running{engine="0",model_name="m"} 4
 vllm:num_requests_running{engine="1",model_name="m"} 0
-vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="100"} 1
-vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="100"} 1
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="200"} 1
+vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="200"} 1
 """

@@ -21,6 +21,7 @@ from gpufleet.serving.engine.model import EngineConfig
 from gpufleet.serving.engine.server import EmulatorServer
 from gpufleet.serving.router.config import build_config
 from gpufleet.serving.router.gateway import ROUTED_HEADER, Router
+from gpufleet.serving.router.limits import ServerLimits
 from gpufleet.stacks.fleetfile import load_fleet
 
 TOKEN = "integration-admin-token-0123456789"
@@ -126,6 +127,7 @@ async def start_fleet(
     time_scale: float = 20.0,
     router: dict[str, Any] | None = None,
     slo_ttft_ms: float = 2000,
+    limits: ServerLimits | None = None,
 ) -> FleetBed:
     settings = {
         "scrape_interval_s": 0.1,
@@ -188,7 +190,7 @@ async def start_fleet(
     fleet = load_fleet(path)
     regions: dict[str, RegionBed] = {}
     for spec in specs:
-        r = Router(build_config(fleet, spec.key, {"GPUFLEET_ADMIN_TOKEN": TOKEN}))
+        r = Router(build_config(fleet, spec.key, {"GPUFLEET_ADMIN_TOKEN": TOKEN}), limits=limits)
         port = await r.start(sock=socks[spec.key])
         regions[spec.key] = RegionBed(spec, engines[spec.key], r, f"http://127.0.0.1:{port}")
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -209,6 +211,7 @@ class Answer:
     ttft_s: float | None = None
     ids: set[str] = field(default_factory=set)
     events_after_done: int = 0
+    usage: dict[str, Any] | None = None  # the usage the client received (stream: its usage chunk)
 
     @property
     def complete(self) -> bool:
@@ -229,13 +232,16 @@ async def ask(
     chat: bool = True,
     headers: dict[str, str] | None = None,
     timeout: float = 30.0,
+    extra: dict[str, Any] | None = None,
 ) -> Answer:
-    """One request as a client sees it, parsed strictly (every byte after [DONE] is counted)."""
+    """One request as a client sees it, parsed strictly (every byte after [DONE] is counted).
+    `extra`: more request fields (e.g. stream_options)."""
     body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}
     if chat:
         body["messages"] = [{"role": "user", "content": content}]
     else:
         body["prompt"] = content
+    body.update(extra or {})
     path = "/v1/chat/completions" if chat else "/v1/completions"
     start = time.perf_counter()
     async with session.post(
@@ -251,6 +257,7 @@ async def ask(
             choice = data["choices"][0]
             ans.text = choice["message"]["content"] if chat else choice["text"]
             ans.tokens = data["usage"]["completion_tokens"]
+            ans.usage = data["usage"]
             ans.done = ans.finished = choice.get("finish_reason") is not None
             ans.ttft_s = time.perf_counter() - start
             return ans
@@ -272,6 +279,8 @@ async def ask(
                 continue
             if chunk.get("id"):
                 ans.ids.add(chunk["id"])
+            if chunk.get("usage"):
+                ans.usage = chunk["usage"]
             for choice in chunk.get("choices", []):
                 piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                 if piece:

@@ -4,7 +4,7 @@ import pytest
 from gpufleet.serving.router.config import ConfigError, build_config, read_admin_token
 from gpufleet.stacks.spec import RouterSettings
 
-TOKEN = "t" * 32
+TOKEN = "config-test-token-0123456789"
 
 
 def test_token_from_env_or_file(tmp_path):

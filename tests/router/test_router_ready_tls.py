@@ -230,13 +230,25 @@ def test_ready_and_scale_endpoints(tmp_path):
             assert idle["desired_engines"] == 0 and idle["demand_tokens"] == 0
             assert (idle["capacity_per_engine_tokens"], idle["capacity_source"]) == (1536, "engines")
 
-            # A request that fits no engine (1536 tokens): refused, and /scale asks for engines for it.
-            big = await ask(s, url, max_tokens=1600, content="x" * 40)  # need 10 + 1600 tokens
+            # A request that fits no engine of 1536 tokens can never be served here: 400, not a 429
+            # that would have the client retry (and not demand for more engines of the same size).
+            never = await ask(s, url, max_tokens=1600, content="x" * 40)  # need 10 + 1600 tokens
+            assert never.status == 400 and "more than any engine" in never.error
+            # Two long answers hold most of each engine; one that would fit an empty engine finds no
+            # room now: refused (429), and /scale asks for engines for it.
+            hold = [asyncio.create_task(ask(s, url, max_tokens=1400, content=f"hold {i}")) for i in range(2)]
+            until = time.monotonic() + 5
+            while sum(e.engine.stats().num_running for e in bed[AWS].engines) < 2:
+                assert time.monotonic() < until, "the long answers did not start"
+                await asyncio.sleep(0.01)
+            big = await ask(s, url, max_tokens=1000, content="x" * 40)  # need 10 + 1000 tokens
             assert big.status == 429
             async with s.get(url + "/scale", headers=ADMIN) as r:
                 busy = await r.json()
-            assert busy["refused_tokens"] == 1610
-            assert busy["desired_engines"] == math.ceil(1610 / (1536 * 0.75)) == 2
+            assert busy["refused_tokens"] == 1010
+            assert busy["demand_tokens"] >= 1010 + busy["kv_in_use_tokens"]
+            assert busy["desired_engines"] == math.ceil(busy["demand_tokens"] / (1536 * 0.75)) >= 1
+            assert all(a.complete for a in await asyncio.gather(*hold))
 
             # Drained: not ready (503, OpenAI-style), so DNS stops sending clients here.
             async with s.post(url + "/admin/v1/drain", json={"region": AWS}, headers=ADMIN) as r:

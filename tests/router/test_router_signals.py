@@ -37,10 +37,25 @@ def test_current_name_wins_when_both_present():
 
 
 def test_data_parallel_cores_add_up():
+    # Each core's cache_config_info says 200 blocks, the sum (as vLLM 0.11 labels it): 100 each.
     s = parse_metrics(DATA_PARALLEL, 0.0)
     assert s.free_tokens == pytest.approx(0.5 * 1600 + 1600)
     assert s.num_gpu_blocks == 200 and s.running == 4
     assert s.kv_usage == pytest.approx(0.25)
+
+
+def test_four_data_parallel_cores_each_hold_a_quarter_of_the_reported_sum():
+    usage = {"0": 0.5, "1": 0.0, "2": 1.0, "3": 0.25}
+    text = "".join(
+        f'vllm:kv_cache_usage_perc{{engine="{c}",model_name="m"}} {u}\n'
+        f'vllm:cache_config_info{{block_size="16",engine="{c}",num_gpu_blocks="4000",extra="x"}} 1\n'
+        for c, u in usage.items()
+    )
+    s = parse_metrics(text, 0.0)
+    assert s.num_gpu_blocks == 4000 and s.capacity_tokens == 4000 * 16  # not 4 x 4000
+    assert s.free_tokens == pytest.approx(sum(1 - u for u in usage.values()) * 1000 * 16)
+    # One engine core: the label is its own blocks.
+    assert parse_metrics(text.split("vllm:kv_cache_usage_perc{engine=\"1\"")[0], 0.0).num_gpu_blocks == 4000
 
 
 def test_extra_labels_and_escapes_tolerated():

@@ -1,6 +1,8 @@
 """Soak: 10,000 small, time-scaled requests through the routers while faults come and go on the
-engines (503s, broken streams, refused connections, garbage metrics). Every request must end in
-exactly one complete answer or one clean error; the test counts both."""
+engines (503s, broken streams, refused connections, garbage metrics), and some clients hang up
+before their answer is done. Every request must end in exactly one complete answer, one clean error,
+or a cancellation by its client; the test counts all three, and the routers must have counted the
+cancellations they saw as `client_cancelled` and left no generation running for them."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import random
 import time
 from collections import Counter
 
-from .harness import THREE, RegionSpec, ask, start_fleet
+from .harness import THREE, RegionSpec, ask, router_metric, start_fleet
 
 N = int(os.environ.get("SOAK_N", "10000"))
 CONCURRENCY = 48
+CANCEL_EVERY = 40  # one request in 40 is abandoned by its client after a few milliseconds
 FAULTS = (
     {"status_503": True},
     {"break_stream_after_tokens": 2},
@@ -50,14 +53,22 @@ def test_soak_every_request_gets_one_answer(tmp_path):
         async def client(worker: int):
             for i in range(worker, N, CONCURRENCY):
                 stream = i % 3 != 0
-                a = await ask(
+                asking = ask(
                     bed.session,
                     urls[i % len(urls)],
                     content=f"soak {i}",
-                    max_tokens=4,
+                    max_tokens=64 if i % CANCEL_EVERY == 0 else 4,
                     stream=stream,
                     chat=i % 2 == 0,
                 )
+                if i % CANCEL_EVERY == 0:
+                    try:  # the client hangs up (its connection closes) after a few milliseconds
+                        await asyncio.wait_for(asking, rng.uniform(0.002, 0.02))
+                        outcomes["finished before its client left"] += 1
+                    except TimeoutError:
+                        outcomes["cancelled by client"] += 1
+                    continue
+                a = await asking
                 if (
                     a.complete
                     and a.tokens == 4
@@ -78,6 +89,13 @@ def test_soak_every_request_gets_one_answer(tmp_path):
             stop.set()
             await chaos_task
             elapsed = time.monotonic() - start
+            await asyncio.sleep(0.5)  # the routers see the last hang-ups; the engines abort them
+            counted = 0.0
+            for url in urls:
+                counted += await router_metric(
+                    bed.session, url, "gpufleet_router_requests_total", outcome="client_cancelled"
+                )
+            still_running = sum(e.engine.stats().num_running + e.engine.stats().num_waiting for e in engines)
         finally:
             await bed.close()
         answered = (
@@ -85,10 +103,14 @@ def test_soak_every_request_gets_one_answer(tmp_path):
             + outcomes["BROKEN"]
             + sum(v for k, v in outcomes.items() if k.startswith("clean error"))
         )
-        print(f"soak: {dict(outcomes)} in {elapsed:.1f} s")
-        assert answered == N
+        cancelled = outcomes["cancelled by client"] + outcomes["finished before its client left"]
+        print(f"soak: {dict(outcomes)}, routers counted {counted:.0f} client cancellations, in {elapsed:.1f} s")
+        assert answered + cancelled == N
         assert outcomes["BROKEN"] == 0
         assert outcomes["faults injected"] >= 10
-        assert outcomes["complete"] >= 0.97 * N, outcomes
+        assert outcomes["complete"] >= 0.97 * (N - cancelled), outcomes
+        # A hang-up the router saw is counted as such (one it did not see came after its answer).
+        assert 0 < counted <= outcomes["cancelled by client"], (counted, outcomes)
+        assert still_running == 0  # no engine still generates for a client that left
 
     asyncio.run(main())
