@@ -86,6 +86,15 @@ def serve(
     region: str = typer.Option(..., "--region", help="the region this router serves (its id)"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind; 0.0.0.0 to serve other hosts"),
     port: int = typer.Option(8080, "--port", min=0, max=65535),
+    replica: list[str] = typer.Option(
+        [], "--replica", help="another router replica of this region (URL; repeatable): shares reservations"
+    ),
+    replicas_dns: str | None = typer.Option(
+        None, "--replicas-dns", help="HOST:PORT whose A records are this region's router replicas"
+    ),
+    loop: str = typer.Option(
+        "auto", "--loop", help="event loop: uvloop, asyncio, or auto (uvloop when installed)"
+    ),
 ) -> None:
     """Serve the OpenAI API for one region until interrupted."""
     import asyncio
@@ -94,6 +103,12 @@ def serve(
     from gpufleet.serving.router.config import ConfigError, build_config
     from gpufleet.serving.router.gateway import Router
 
+    loop_factory = _loop_factory(loop)
+    for url in replica:
+        if not url.startswith(("http://", "https://")):
+            fail(f"--replica must be an http:// or https:// URL, not {url!r}", EXIT_BAD_INPUT)
+    if replicas_dns is not None and not replicas_dns.rpartition(":")[2].isdigit():
+        fail(f"--replicas-dns must be HOST:PORT, not {replicas_dns!r}", EXIT_BAD_INPUT)
     spec = load_fleet_or_exit(fleet)
     try:
         config = build_config(spec, region)
@@ -112,7 +127,7 @@ def serve(
             )
 
     async def main() -> None:
-        router = Router(config)
+        router = Router(config, replicas=replica, replicas_dns=replicas_dns)
         try:
             bound = await router.start(host, port)
         except OSError as exc:
@@ -137,9 +152,26 @@ def serve(
             await router.close()
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _loop_factory(name: str):
+    """The event loop `router serve` runs on. uvloop (libuv, what uvicorn uses) carries each
+    relayed SSE event for less CPU than asyncio's selector loop (docs/router.md, Benchmark)."""
+    if name not in ("auto", "uvloop", "asyncio"):
+        fail(f"--loop must be uvloop, asyncio or auto, not {name!r}", EXIT_BAD_INPUT)
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_ENVIRONMENT)
+        return None
+    return uvloop.new_event_loop
 
 
 def _raise_fd_limit(ceiling: int = 65536) -> None:

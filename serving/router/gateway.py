@@ -18,9 +18,10 @@ goes away cancels its request upstream (the upstream connection is closed, so vL
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -55,7 +56,7 @@ from gpufleet.serving.router.policy import (
     make_policy,
     spare_headroom,
 )
-from gpufleet.serving.router.relay import ClientGone, Stream, Upstream, pump
+from gpufleet.serving.router.relay import ClientGone, Stream, Upstream, finish, pump
 from gpufleet.serving.router.scale import UnmetDemand
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
 from gpufleet.serving.router.tls import CertReloader
@@ -91,6 +92,8 @@ class Router:
         policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
         limits: ServerLimits | None = None,
+        replicas: Sequence[str] = (),
+        replicas_dns: str | None = None,
     ) -> None:
         self.config = config
         self.limits = limits or ServerLimits()
@@ -120,6 +123,12 @@ class Router:
         self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
         self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (watched)
         self.metrics = RouterMetrics(self, clock)
+        # Other replicas of this region (replicas.py): their reservations per engine, and this
+        # replica's id, by which it knows itself among the replicas a DNS name lists.
+        self.replica_id = os.urandom(8).hex()
+        self.replicas, self.replicas_dns = tuple(replicas), replicas_dns
+        self.shared_pending: dict[str, float] = {}
+        self.shared_in_flight: dict[str, int] = {}
         # Peer summaries: filled by gpufleet.serving.router.regions.PeerReader.
         self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -150,12 +159,16 @@ class Router:
         outstanding = self.outstanding
         drained_engines = self.drained_engines
         breakers = self.breakers.engines
+        shared, shared_n = self.shared_pending, self.shared_in_flight  # other replicas' (replicas.py)
         out = []
         for url, st in self.scraper.engines.items():
             b = breakers.get(url)
             breaker = BreakerState.closed if b is None else b.state(now)
             waiting_for = pending(url)
             in_flight = outstanding.get(url, 0)
+            if shared:
+                waiting_for += shared.get(url, 0.0)
+                in_flight += shared_n.get(url, 0)
             drained = url in drained_engines
             hit = cache.get(url)
             if hit is not None:
@@ -266,6 +279,10 @@ class Router:
             # Demand refused here for lack of room anywhere (peak tokens in one second of the last
             # minute): peers that can still grow take a share of it into their own /scale.
             "unmet_tokens": self.unmet.peaks(now)[1],
+            # For this region's other router replicas (replicas.py): what this one has reserved.
+            "replica": self.replica_id,
+            "reservations": {url: self.ledger.pending(url) for url in self.outstanding},
+            "in_flight": dict(self.outstanding),
         }
 
     def region_summaries(self, now: float) -> list[dict[str, Any]]:
@@ -327,6 +344,11 @@ class Router:
         self._tasks.append(asyncio.create_task(self.scraper.run(), name=f"scrape-{self.region}"))
         if self.config.region.engines_dns:
             self._tasks.append(asyncio.create_task(self._discover(), name=f"dns-{self.region}"))
+        if self.replicas or self.replicas_dns:
+            from gpufleet.serving.router.replicas import ReplicaReader
+
+            replicas = ReplicaReader(self, self.replicas, self.replicas_dns)
+            self._tasks.append(asyncio.create_task(replicas.run(), name=f"replicas-{self.region}"))
         if self.config.peers:
             reader = PeerReader(self, interval_s=s.scrape_interval_s, timeout_s=s.scrape_timeout_s)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"peers-{self.region}"))
@@ -727,6 +749,8 @@ class Router:
             await out.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionResetError):
             pass
+        if done:
+            await finish(resp)  # the client has its answer; keep the upstream connection
         return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -71,6 +71,9 @@ class RouterMetrics:
     def __init__(self, router: Router, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
+        # process_cpu_seconds_total and friends (read from /proc when scraped): the signal to add a
+        # router replica (docs/router.md, "When to add a replica").
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "gpufleet_router_requests",
             "requests by the region that answered and outcome",

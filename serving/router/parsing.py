@@ -61,6 +61,13 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
     than its Content-Length, or one sent too slowly)."""
     if request.content_length is not None and request.content_length > limit:
         raise HttpError(413, f"request body is larger than {limit} bytes", close=True)
+    content = request.content
+    if content.is_eof() and not content.exception():
+        # The whole body came with the headers (the usual small request): no timer, no await.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise HttpError(413, f"request body is larger than {limit} bytes", close=True)
+        return body
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):

@@ -2,12 +2,14 @@
 
 What arrives is written on at once, up to its last complete event (a client never sees half an
 event, so a continuation can follow any byte sent); several events that arrived together go out in
-one write. Events are split only for bookkeeping and parsed only when a stream breaks or in 64 KiB
+one write. Per chunk the relay does C-level work only (a search for [DONE], a count of data lines,
+an append): events are split and parsed before the first token, when a stream breaks, or in 64 KiB
 batches; a continuation's events are parsed one by one (their ids and usage are rewritten).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
 
 _RAW_LIMIT = 64 * 1024  # unparsed SSE payload bytes kept per stream before a batch parse
+PROGRESS_EVERY = 8  # tokens between two updates of a stream's reservation (OptimisticLedger)
 
 
 class Upstream(Exception):
@@ -59,8 +62,9 @@ class Stream:
     chunk_id: str | None = None
     bytes_out: int = 0
     key: object = None  # the current attempt's ledger entry
-    raw: list[bytes] = field(default_factory=list)  # relayed data payloads not parsed yet
+    raw: list[bytes] = field(default_factory=list)  # relayed runs of complete events, not parsed yet
     raw_bytes: int = 0
+    raw_events: int = 0  # `data:` lines in `raw`
     # Tokens the client had received when the current continuation began: its engine counts them as
     # prompt, and the usage the client sees must count them as completion (`whole_usage`).
     prior_tokens: int = 0
@@ -68,30 +72,37 @@ class Stream:
     # continued stream reports usage; None: not asked or not known.
     prompt_tokens: int | None = None
 
-    def add(self, data: bytes) -> None:
-        self.raw.append(data)
-        self.raw_bytes += len(data)
+    def add(self, events: bytes) -> None:
+        """Keep a run of complete events (ending with a blank line) for a later parse: per chunk only
+        C-level work (a count and an append)."""
+        self.raw.append(events)
+        self.raw_bytes += len(events)
+        # Data lines start the run or follow a newline (JSON text holds no raw newline).
+        self.raw_events += events.count(b"\ndata:") + events.startswith(b"data:")
         if self.raw_bytes > _RAW_LIMIT:
             self.settle()
 
     @property
     def materialized(self) -> int:
-        """Tokens relayed so far; an unparsed event counts as one (exact after `settle`)."""
-        return self.tokens + len(self.raw)
+        """Tokens relayed so far; an unparsed data line counts as one (exact after `settle`)."""
+        return self.tokens + self.raw_events
 
     def settle(self) -> None:
-        """Parse the pending payloads into text, tokens, finished and the first chunk id."""
-        raw, self.raw, self.raw_bytes = self.raw, [], 0
+        """Parse the pending events into text, tokens, finished and the first chunk id."""
+        raw, self.raw, self.raw_bytes, self.raw_events = self.raw, [], 0, 0
         if not raw:
+            return
+        payloads = [p for p in _payloads(b"".join(raw)) if p != b"[DONE]"]
+        if not payloads:
             return
         try:
             # One C-level parse for the lot; a payload that is not one JSON value each (garbage, or
             # text that would merge with its neighbours) falls back to one parse per payload.
-            chunks = json.loads(b"[" + b",".join(raw) + b"]")
-            if len(chunks) != len(raw):
+            chunks = json.loads(b"[" + b",".join(payloads) + b"]")
+            if len(chunks) != len(payloads):
                 raise ValueError("payloads do not map one to one")
         except (ValueError, RecursionError):
-            chunks = [loads_or_none(d) for d in raw]
+            chunks = [loads_or_none(d) for d in payloads]
         for chunk in chunks:
             self.note(chunk)
 
@@ -145,6 +156,22 @@ async def write(out: web.StreamResponse, data: bytes) -> None:
         raise ClientGone(out) from exc
 
 
+async def finish(resp: aiohttp.ClientResponse, limit_s: float = 1.0) -> None:
+    """Read an answer's end (the chunked body's terminator, which may come after [DONE] in a packet
+    of its own), so that its connection goes back to the pool rather than being closed: under load
+    about one stream in ten ended before its terminator, and each such stream cost the next
+    request a new TCP connection. Anything after [DONE] is dropped, as it is never relayed."""
+    content = resp.content
+    if content.is_eof():
+        return
+    try:
+        async with asyncio.timeout(limit_s):
+            while await content.readany():
+                pass
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        pass
+
+
 def set_idle_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
     """From now on, a read on this response that waits longer than `seconds` fails (aiohttp's
     sock_read, changed on the open connection and restarted from now)."""
@@ -175,6 +202,7 @@ async def pump(
     # engine may send the role chunk before the request leaves its queue.
     started = False
     tokens_before = stream.tokens  # a continuation starts with the text already relayed
+    noted = -PROGRESS_EVERY  # tokens the ledger was last told of (the first chunk is told at once)
     try:
         while True:
             data = await (content.readany() if started else router.watched(content.readany(), cand))
@@ -205,7 +233,11 @@ async def pump(
                 if stream.tokens > tokens_before or stream.finished:
                     set_idle_timeout(resp, router.config.settings.idle_timeout_s)
                     started = True
-            router.ledger.progress(stream.key, job.prompt_tokens + stream.materialized)
+            # The ledger learns the tokens the engine now holds, in steps of PROGRESS_EVERY: the
+            # reservation stays at most that many tokens above the truth (never below).
+            if stream.materialized - noted >= PROGRESS_EVERY:
+                noted = stream.materialized
+                router.ledger.progress(stream.key, job.prompt_tokens + noted)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return False, f"{type(exc).__name__}"
     except Upstream as exc:  # the scraper found the engine dead while the request waited
@@ -213,24 +245,36 @@ async def pump(
     return False, "stream ended without [DONE]"
 
 
+def _payloads(data: bytes) -> list[bytes]:
+    """The `data:` payloads of complete events, in order (one line each in the usual shape)."""
+    out = []
+    for event in data.split(b"\n\n"):
+        if event.startswith(b"data: ") and b"\n" not in event:
+            out.append(event[6:].strip())
+        elif event:
+            out.extend(ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:"))
+    return out
+
+
 def _events(data: bytes, stream: Stream, rewrite_id: bool) -> tuple[bytes, bool]:
     """Note the complete events in `data` (it ends with a separator); returns what to relay and
     whether [DONE] came. Nothing after [DONE] is relayed."""
-    events = data.split(b"\n\n")
-    events.pop()
     if rewrite_id:
+        events = data.split(b"\n\n")
+        events.pop()
         return _rewrite(events, stream)
+    if b"[DONE]" not in data:  # the usual chunk: kept whole, split and parsed only when needed
+        stream.add(data)
+        return data, False
     pos = 0
-    for event in events:
-        pos += len(event) + 2
-        if event.startswith(b"data: ") and b"\n" not in event:  # the usual shape: one data line
-            payloads = [event[6:].strip()]
-        else:
-            payloads = [ln[5:].strip() for ln in event.split(b"\n") if ln.startswith(b"data:")]
-        for payload in payloads:
-            if payload == b"[DONE]":
-                return data[:pos], True
-            stream.add(payload)
+    for event in data.split(b"\n\n")[:-1]:
+        end = pos + len(event) + 2
+        if b"[DONE]" in _payloads(event + b"\n\n"):
+            if pos:
+                stream.add(data[:pos])
+            return data[:end], True
+        pos = end
+    stream.add(data)  # "[DONE]" inside some text, not as a payload of its own
     return data, False
 
 

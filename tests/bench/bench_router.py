@@ -1,42 +1,38 @@
-"""Router benchmark: what the router costs over talking to the engine directly.
+"""Router benchmark: what a router costs over talking to the engine directly, gpufleet's and
+vllm-router's (the Rust router of vllm-project/router, `round_robin`) side by side in one run.
 
-    .venv/bin/python tests/bench/bench_router.py [--rounds 5] [--streams 64] [--seconds 3]
+    .venv/bin/python tests/bench/bench_router.py [--rounds 3] [--seconds 3] [--streams 1 16 64]
+        [--tokens 16 256] [--no-vllm-router] [--extras]
 
-Processes: this one is the client; the engine emulator and the router each run in their own
-process (`python -m gpufleet.serving.engine`, `gpufleet router serve`), all on loopback. Direct and
-routed rounds alternate in one run, so both see the same machine load; medians over rounds are
-printed side by side. On a machine with fewer cores than busy processes (client, emulator, router)
-the added latency is mostly CPU queueing, so the router's own cost is reported apart from it:
+Processes: this one is the client; the engine emulator (`python -m gpufleet.serving.engine`, time
+scale 1), `gpufleet router serve` and `vllm-router` each run in their own process, all on loopback,
+both routers in front of the same one engine. For every load (closed-loop streams x answer length)
+the rounds alternate direct, gpufleet, vllm-router (the order rotating from round to round), so all
+three see the same machine load; medians over rounds are printed.
 
-- its CPU time per request (from /proc, Linux), and
-- its internal overhead histogram (`gpufleet_router_overhead_seconds`): phase=request from a
-  request's arrival to its POST upstream, phase=relay from a stream's first bytes read upstream to
-  their write to the client.
+Per load and router: added time to first token over direct (p50 and p99 of each round, median over
+rounds), streamed requests per second, and the router process's CPU time per streamed request
+(user + system from /proc, every thread). On a machine with fewer cores than busy processes the
+added latency is mostly CPU queueing, so the CPU figure is the router's own cost.
 
-1. Added latency, time to first token through the router minus direct, per round (p50 and p99 of
-   each round), median over rounds. Targets at 64 concurrent streams: p50 < 1 ms, p99 < 5 ms.
-   - steady: N closed-loop streams (each worker sends its next request when the last one ended;
-     answer lengths vary, so arrivals spread out): N streams always in flight;
-   - burst: N requests sent at the same instant (worst case: the router serves them one by one);
-   - 1 stream: no concurrency, the router's per-request path alone.
-2. Proxied requests per second on one router process (small non-streamed requests, 64 clients).
-3. Scrape cost per engine: one GET /metrics of a busy emulator plus parsing, and parsing alone.
-4. Decision time per request with 1,000 engines: the policy alone (HeadroomPolicy, 10 regions) and
-   the router's whole `choose` (engine views from live samples + policy, one region).
+A closed-loop stream sends its next request when the last one ended (answers of exactly
+`--tokens` tokens, `ignore_eos`). `--extras` adds: 1-token completions per second, scrape cost
+and decision time with 1,000 engines.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -50,94 +46,22 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-async def ttft(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int = 32) -> float:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": f"bench {i}"}],
-        "max_tokens": max_tokens,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    start = time.perf_counter()
-    first = None
-    async with session.post(url + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        async for line in r.content:
-            if first is None and b'"content":"' in line and b'"content":""' not in line:
-                first = time.perf_counter() - start
-    assert first is not None
-    return first
-
-
-async def round_of(session, url: str, n: int) -> list[float]:
-    return list(await asyncio.gather(*(ttft(session, url, i) for i in range(n))))
-
-
-async def steady(session, url: str, streams: int, seconds: float) -> list[float]:
-    """TTFTs of `streams` closed-loop workers; answers of 8..56 tokens spread the arrivals."""
-    out: list[float] = []
-    until = time.perf_counter() + seconds
-
-    async def worker(w: int) -> None:
-        rng = random.Random(w)
-        await asyncio.sleep(w * 0.3 / streams)  # stagger the first requests over ~one answer
-        i = 0
-        while time.perf_counter() < until:
-            out.append(await ttft(session, url, w * 100_000 + i, rng.randint(8, 56)))
-            i += 1
-
-    await asyncio.gather(*(worker(w) for w in range(streams)))
-    return out
-
-
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc), None elsewhere."""
+    """CPU seconds a process has run, all its threads (Linux). /proc/PID/task/*/schedstat counts
+    nanoseconds; /proc/PID/stat's 10 ms ticks are too coarse for a few requests (the fallback)."""
     try:
+        total = 0
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that just ended
+        if total:
+            return total / 1e9
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def overhead(session, router_url: str) -> dict[str, tuple[list[float], list[float], float]]:
-    """The router's overhead histogram: phase -> (bucket bounds, cumulative counts, sum)."""
-    async with session.get(router_url + "/metrics") as r:
-        text = await r.text()
-    out: dict[str, tuple[list[float], list[float], float]] = {}
-    for line in text.splitlines():
-        if not line.startswith("gpufleet_router_overhead_seconds"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        phase = name.split('phase="')[1].split('"')[0]
-        bounds, counts, total = out.setdefault(phase, ([], [], 0.0))
-        if "_bucket" in name:
-            le = name.split('le="')[1].split('"')[0]
-            bounds.append(float(le))
-            counts.append(float(value))
-        elif name.startswith("gpufleet_router_overhead_seconds_sum"):
-            out[phase] = (bounds, counts, float(value))
-    return out
-
-
-def _bucket_bound(bounds: list[float], cumulative: list[float], rank: float) -> str:
-    le = next(b for b, c in zip(bounds, cumulative, strict=True) if c >= rank)
-    return "> 100 ms" if math.isinf(le) else f"<= {le * 1e3:g} ms"
-
-
-def overhead_delta(before, after) -> str:
-    """p50 / p99 (upper bucket bounds) and mean of the overhead observed between two reads."""
-    parts = []
-    for phase, (bounds, counts, total) in after.items():
-        b_counts = before.get(phase, (bounds, [0.0] * len(counts), 0.0))[1] or [0.0] * len(counts)
-        d = [a - b for a, b in zip(counts, b_counts, strict=True)]
-        n = d[-1]
-        if n <= 0:
-            continue
-        mean = (total - before.get(phase, ([], [], 0.0))[2]) / n
-
-        q50, q99 = (_bucket_bound(bounds, d, p * n) for p in (0.5, 0.99))
-        parts.append(f"{phase}: mean {mean * 1e3:.3f} ms, p50 {q50}, p99 {q99} ({n:.0f} obs.)")
-    return "; ".join(parts)
 
 
 async def rps(session, url: str, seconds: float, concurrency: int = 64) -> float:
@@ -235,7 +159,11 @@ async def scrape_cost(engine_url: str, n: int = 50) -> tuple[float, float, int]:
     return statistics.median(whole), (time.perf_counter() - t) / n, len(text)
 
 
-def start_router(engine_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_router(
+    engine_url: str, tmp: Path, loop: str | None = None, pythonpath: str | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`gpufleet router serve` in front of the engine; `pythonpath`: another checkout's code (its
+    folder holding a `gpufleet` link to the checkout), for before/after comparisons."""
     fleet = tmp / "fleet.yaml"
     fleet.write_text(
         f"fleet: bench\nmodels: [{{name: {MODEL}, catalog: {MODEL}}}]\n"
@@ -243,12 +171,10 @@ def start_router(engine_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
         f" endpoints: {{engines: ['{engine_url}']}}}}]\n"
         "router: {scrape_interval_s: 0.5, queue_max: 10000}\n"
     )
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "GPUFLEET_ADMIN_TOKEN": TOKEN}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -262,6 +188,7 @@ def start_router(engine_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
             "aws-us-east-1",
             "--port",
             str(port),
+            *(("--loop", loop) if loop else ()),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -273,135 +200,263 @@ def start_router(engine_url: str, tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def added(direct: list[float], routed: list[float]) -> tuple[float, float]:
-    """(p50, p99) of routed minus direct, in ms."""
-    return (
-        (statistics.median(routed) - statistics.median(direct)) * 1000,
-        (pct(routed, 99) - pct(direct, 99)) * 1000,
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_vllm_router(engine_url: str) -> tuple[subprocess.Popen, str] | None:
+    """vllm-router (`round_robin`) in front of the same engine; None when it is not installed."""
+    exe = shutil.which("vllm-router") or str(Path(sys.executable).with_name("vllm-router"))
+    if not Path(exe).exists():
+        return None
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", engine_url,
+         "--policy", "round_robin", "--log-level", "warning", "--queue-size", "10000",
+         "--max-concurrent-requests", "10000"],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    return proc, f"http://127.0.0.1:{port}"
 
 
-async def compare(name: str, rounds: int, run, session, router_pid: int, router_url: str) -> None:
-    """Alternate direct and routed rounds of `run(url)`; print medians over rounds."""
-    p50s, p99s, d50, r50, d99, r99, cpu = [], [], [], [], [], [], []
-    before = await overhead(session, router_url)
-    for _ in range(rounds):
-        direct = await run(ENGINE_URL)
-        c0 = cpu_seconds(router_pid)
-        routed = await run(ROUTER_URL)
-        c1 = cpu_seconds(router_pid)
-        a50, a99 = added(direct, routed)
-        p50s.append(a50)
-        p99s.append(a99)
-        d50.append(statistics.median(direct) * 1000)
-        r50.append(statistics.median(routed) * 1000)
-        d99.append(pct(direct, 99) * 1000)
-        r99.append(pct(routed, 99) * 1000)
-        if c0 is not None and c1 is not None:
-            cpu.append((c1 - c0) / len(routed) * 1000)
-    after = await overhead(session, router_url)
+async def wait_ready(session: aiohttp.ClientSession, url: str, seconds: float = 60.0) -> None:
+    """Until one streamed request through `url` succeeds (vllm-router first checks its workers)."""
+    until = time.perf_counter() + seconds
+    while True:
+        try:
+            await ttft(session, url, 0, 2)
+            return
+        except (aiohttp.ClientError, AssertionError, OSError):
+            if time.perf_counter() > until:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def ttft(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> float:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"bench {i}"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    first = None
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            if first is None and b'"content":"' in line and b'"content":""' not in line:
+                first = time.perf_counter() - start
+    assert first is not None
+    return first
+
+
+async def closed_loop(session, url: str, streams: int, tokens: int, seconds: float) -> tuple[list[float], float]:
+    """TTFTs of `streams` closed-loop workers for `seconds` (each finishes its last request), and
+    the requests completed per second."""
+    out: list[float] = []
+    start = time.perf_counter()
+    until = start + seconds
+
+    async def worker(w: int) -> None:
+        # Stagger the first requests over ~one 16-token answer, so arrivals spread from the start.
+        await asyncio.sleep(w * 0.2 / streams)
+        i = 0
+        while time.perf_counter() < until:
+            out.append(await ttft(session, url, w * 100_000 + i, tokens))
+            i += 1
+
+    await asyncio.gather(*(worker(w) for w in range(streams)))
+    return out, len(out) / (time.perf_counter() - start)
+
+
+@dataclass
+class Figures:
+    """Per round: added p50/p99 (ms), requests/s, router CPU ms per request."""
+
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    rps: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    cpu_net: list[float] = field(default_factory=list)  # less what the process burns idle meanwhile
+
+
+async def idle_cpu(pids: dict[str, int], seconds: float = 3.0) -> dict[str, float]:
+    """CPU seconds per second each process spends with no request (scrapes, health checks)."""
+    c0 = {n: cpu_seconds(p) for n, p in pids.items()}
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    dt = time.perf_counter() - t0
+    return {n: (cpu_seconds(p) - c0[n]) / dt for n, p in pids.items() if c0[n] is not None}
+
+
+async def measure(session, targets: dict[str, tuple[str, int | None]], streams: int, tokens: int,
+                  rounds: int, seconds: float, idle: dict[str, float]) -> dict[str, Figures]:  # fmt: skip
+    """Rounds of direct and each router, the order rotating; added TTFT against the same round's
+    direct run."""
+    names = list(targets)
+    figs = {n: Figures() for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        got: dict[str, tuple[list[float], float, float | None, float | None]] = {}
+        for name in order:
+            url, pid = targets[name]
+            c0 = cpu_seconds(pid) if pid else None
+            t0 = time.perf_counter()
+            ttfts, per_s = await closed_loop(session, url, streams, tokens, seconds)
+            c1 = cpu_seconds(pid) if pid else None
+            cpu = net = None
+            if c0 is not None and c1 is not None:
+                cpu = (c1 - c0) / len(ttfts) * 1000
+                net = (c1 - c0 - idle.get(name, 0.0) * (time.perf_counter() - t0)) / len(ttfts) * 1000
+            got[name] = (ttfts, per_s, cpu, net)
+        direct = got["direct"][0]
+        for name, (ttfts, per_s, cpu, net) in got.items():
+            f = figs[name]
+            f.p50.append((statistics.median(ttfts) - statistics.median(direct)) * 1000)
+            f.p99.append((pct(ttfts, 99) - pct(direct, 99)) * 1000)
+            f.rps.append(per_s)
+            if cpu is not None and net is not None:
+                f.cpu.append(cpu)
+                f.cpu_net.append(net)
+    return figs
+
+
+def table(results: list[tuple[int, int, dict[str, Figures]]], routers: list[str]) -> str:
     med = statistics.median
-    print(
-        f"TTFT, {name} ({len(direct)} requests per round, median of {rounds} rounds): "
-        f"direct p50 {med(d50):.2f} / p99 {med(d99):.2f} ms, "
-        f"routed p50 {med(r50):.2f} / p99 {med(r99):.2f} ms"
-    )
-    print(
-        f"  added: p50 {med(p50s):+.2f} ms (rounds {', '.join(f'{x:+.1f}' for x in p50s)}; target < 1), "
-        f"p99 {med(p99s):+.2f} ms (rounds {', '.join(f'{x:+.1f}' for x in p99s)}; target < 5)"
-    )
-    if cpu:
-        print(f"  router CPU per streamed request (32 tokens avg.): {med(cpu):.2f} ms")
-    print(f"  router overhead histogram: {overhead_delta(before, after)}")
+    head = ["streams", "answer"]
+    for r in routers:
+        head += [f"{r}: added TTFT p50 / p99", f"{r}: req/s", f"{r}: CPU per request (less idle)"]
+    head += ["direct req/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for streams, tokens, figs in results:
+        row = [str(streams), f"{tokens} tokens"]
+        for r in routers:
+            f = figs[r]
+            cpu = f"{med(f.cpu):.2f} ms ({med(f.cpu_net):.2f})" if f.cpu else "n/a"
+            row += [f"{med(f.p50):+.2f} / {med(f.p99):+.2f} ms", f"{med(f.rps):.0f}", cpu]
+        row.append(f"{med(figs['direct'].rps):.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
-ENGINE_URL = ROUTER_URL = ""
+def ratios(results: list[tuple[int, int, dict[str, Figures]]]) -> list[str]:
+    med = statistics.median
+    out = []
+    for streams, tokens, figs in results:
+        g, v = figs.get("gpufleet"), figs.get("vllm-router")
+        if g is None or v is None or not g.cpu or not v.cpu:
+            continue
+        out.append(
+            f"{streams} streams, {tokens} tokens: CPU gpufleet / vllm-router {med(g.cpu) / med(v.cpu):.2f}x "
+            f"({med(g.cpu_net) / med(v.cpu_net):.2f}x less idle) "
+            f"(target <= 1.2); added p50 gpufleet - vllm-router {med(g.p50) - med(v.p50):+.2f} ms "
+            f"(target <= 1); rounds gpufleet p50 {', '.join(f'{x:+.1f}' for x in g.p50)}, "
+            f"vllm-router {', '.join(f'{x:+.1f}' for x in v.p50)}"
+        )
+    return out
 
 
-async def main(args) -> None:
-    global ENGINE_URL, ROUTER_URL
-    from gpufleet.serving.engine.server import spawn_emulator
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(
-        f"os.cpu_count() = {os.cpu_count()}; load average {load[0]:.2f} before the run; "
-        f"python {sys.version.split()[0]}; client, emulator and router: one process each"
-        if load
-        else f"os.cpu_count() = {os.cpu_count()}; python {sys.version.split()[0]}"
-    )
+async def extras(session, engine_url: str, router_url: str, rounds: int, seconds: float) -> None:
     t = decision_time()
     print(f"policy decision, 1,000 engines: median {t[0] * 1e6:.0f} us, p99 {t[1] * 1e6:.0f} us per request")
     t = router_decision()
+    print(f"router decision (views + policy), 1,000 engines: median {t[0] * 1e6:.0f} us, p99 {t[1] * 1e6:.0f} us")
+    ds, rs = [], []
+    for _ in range(rounds):
+        ds.append(await rps(session, engine_url, seconds))
+        rs.append(await rps(session, router_url, seconds))
+    d, r = statistics.median(ds), statistics.median(rs)
+    print(f"1-token completions/s, 64 clients: direct {d:.0f}, through gpufleet {r:.0f} (ratio {r / d:.2f})")
+    whole, parse, size = await scrape_cost(engine_url)
+    print(f"scrape cost per engine: {whole * 1000:.2f} ms GET+parse, parse alone {parse * 1e6:.0f} us ({size:,} bytes)")
+
+
+async def main(args) -> None:
+    from gpufleet.serving.engine.server import spawn_emulator
+
+    load = os.getloadavg()
     print(
-        f"router decision (engine views + policy), 1,000 engines: median {t[0] * 1e6:.0f} us, "
-        f"p99 {t[1] * 1e6:.0f} us per request"
+        f"cores: os.cpu_count() = {os.cpu_count()}, usable {len(os.sched_getaffinity(0))}; load average "
+        f"{load[0]:.2f} before the run; python {sys.version.split()[0]}; client, emulator and each "
+        "router: one process each, loopback"
     )
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        spawn_emulator(
-            [
-                "--model",
-                MODEL,
-                "--gpu",
-                "H100",
-                "--served-model-name",
-                MODEL,
-                "--time-scale",
-                str(args.time_scale),
-            ]
-        ) as engine,
-    ):
-        router, router_url = start_router(engine.url, Path(tmp))
-        ENGINE_URL, ROUTER_URL = engine.url, router_url
+    emulator = ["--model", MODEL, "--gpu", "H100", "--served-model-name", MODEL, "--time-scale", "1"]
+    with tempfile.TemporaryDirectory() as tmp, spawn_emulator(emulator) as engine:
+        procs: list[subprocess.Popen] = []
         try:
-            await asyncio.sleep(1.0)  # first scrapes
+            router, router_url = start_router(engine.url, Path(tmp), args.loop)
+            procs.append(router)
+            targets: dict[str, tuple[str, int | None]] = {
+                "direct": (engine.url, None),
+                "gpufleet": (router_url, router.pid),
+            }
+            for also in args.also:
+                name, _, path = also.partition("=")
+                other, other_url = start_router(engine.url, Path(tmp), None, path)
+                procs.append(other)
+                targets[name] = (other_url, other.pid)
+            for loop in args.also_loop:
+                other, other_url = start_router(engine.url, Path(tmp), loop)
+                procs.append(other)
+                targets[f"gpufleet-{loop}"] = (other_url, other.pid)
+            vr = None if args.no_vllm_router else start_vllm_router(engine.url)
+            if vr is not None:
+                procs.append(vr[0])
+                targets["vllm-router"] = (vr[1], vr[0].pid)
+            elif not args.no_vllm_router:
+                print("vllm-router not installed: gpufleet alone")
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-                await round_of(s, engine.url, 8)
-                await round_of(s, router_url, 8)  # warm both paths
-                n = args.streams
-                await compare(
-                    f"{n} streams steady",
-                    args.rounds,
-                    lambda u: steady(s, u, n, args.seconds),
-                    s,
-                    router.pid,
-                    router_url,
-                )
-                await compare(
-                    f"{n} streams burst", args.rounds, lambda u: round_of(s, u, n), s, router.pid, router_url
-                )
-                await compare(
-                    "1 stream",
-                    args.rounds,
-                    lambda u: steady(s, u, 1, args.seconds),
-                    s,
-                    router.pid,
-                    router_url,
-                )
-                ds, rs = [], []
-                for _ in range(args.rounds):
-                    ds.append(await rps(s, engine.url, args.seconds))
-                    rs.append(await rps(s, router_url, args.seconds))
-                d, r = statistics.median(ds), statistics.median(rs)
-                print(
-                    f"requests/s (1-token completions, 64 clients, median of {args.rounds} "
-                    "alternating rounds): "
-                    f"direct {d:.0f}, through one router process {r:.0f} (ratio {r / d:.2f})"
-                )
-            whole, parse, size = await scrape_cost(engine.url)
-            print(
-                f"scrape cost per engine: {whole * 1000:.2f} ms GET+parse (median), "
-                f"parse alone {parse * 1e6:.0f} us for {size:,} bytes of /metrics"
-            )
+                for url, _ in targets.values():
+                    await wait_ready(s, url)
+                for url, _ in targets.values():  # warm every path's connections
+                    await closed_loop(s, url, max(args.streams), 4, 0.2)
+                idle = await idle_cpu({n: p for n, (_, p) in targets.items() if p})
+                print("idle CPU (no requests): " + ", ".join(f"{n} {v * 1000:.1f} ms/s" for n, v in idle.items()))
+                results = []
+                for tokens in args.tokens:
+                    for streams in args.streams:
+                        t0 = time.perf_counter()
+                        figs = await measure(s, targets, streams, tokens, args.rounds, args.seconds, idle)
+                        results.append((streams, tokens, figs))
+                        print(f"  {streams} streams x {tokens} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
+                routers = [n for n in targets if n != "direct"]
+                print(f"\nmedians of {args.rounds} rounds of {args.seconds:g} s (closed loop):\n")
+                print(table(results, routers))
+                print()
+                for line in ratios(results):
+                    print(line)
+                if args.extras:
+                    await extras(s, engine.url, router_url, args.rounds, args.seconds)
         finally:
-            router.terminate()
-            router.wait(10)
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(10)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--streams", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--time-scale", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per load (each: direct and every router)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="length of one closed-loop run")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16, 256], help="answer lengths")
+    ap.add_argument("--no-vllm-router", action="store_true")
+    ap.add_argument("--loop", default=None, help="gpufleet's event loop (router serve --loop)")
+    ap.add_argument(
+        "--also-loop", action="append", default=[], help="one more gpufleet router on this event loop"
+    )
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="one more gpufleet router from another checkout (DIR holds a `gpufleet` link to it)",
+    )
+    ap.add_argument("--extras", action="store_true", help="also: decision time, 1-token completions/s, scrape cost")
     asyncio.run(main(ap.parse_args()))

@@ -149,3 +149,27 @@ def test_the_body_of_a_continuation_is_one_an_engine_takes(tmp_path):
             await bed.close()
 
     run(main())
+
+
+def test_relay_bookkeeping_counts_and_parses_runs_of_events():
+    """The relay keeps each chunk's events whole (relay.Stream.add) and parses them later: the
+    count of tokens before the parse, the text after it, and [DONE] found only as a payload."""
+    import json
+
+    from gpufleet.serving.router.relay import Stream, _events
+
+    def event(text: str, finish: str | None = None) -> bytes:
+        chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    stream = Stream()
+    # A token whose text looks like an SSE line or like [DONE] is one token, not an event or the end.
+    run = event("a") + event("data: x") + event("[DONE]")
+    out, done = _events(run, stream, False)
+    assert (out, done) == (run, False)
+    assert stream.materialized == 3 and stream.text == []  # counted, not parsed yet
+    out, done = _events(event("b", "length") + b"data: [DONE]\n\n" + event("after"), stream, False)
+    assert done and out == event("b", "length") + b"data: [DONE]\n\n"  # nothing after [DONE]
+    stream.settle()
+    assert stream.text == ["a", "data: x", "[DONE]", "b"] and stream.tokens == 4 and stream.finished
+    assert stream.chunk_id == "c1" and stream.materialized == 4
