@@ -81,6 +81,7 @@ def register(app: typer.Typer) -> None:
         if waivers is not None and no_waivers:
             fail("--waivers and --no-waivers contradict each other: give one", EXIT_BAD_INPUT)
         waiver_file, waivers_line = find_waivers(waivers, skip=no_waivers)
+        notes: list[str]
         if fleet_file is not None:
             fleet, fleet_line, notes = load_fleet_or_exit(fleet_file), f"{fleet_file} (--fleet)", []
         else:

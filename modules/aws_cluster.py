@@ -108,16 +108,17 @@ def _assume(service: str) -> str:
 # What EKS refuses in public_access_cidrs: RFC 1918 and carrier-grade NAT space. (ipaddress's
 # is_private also counts documentation ranges such as 203.0.113.0/24, which EKS accepts.)
 _INTERNAL = [
-    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+    ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 ]
 
 
 def _split_cidrs(cidrs: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """(public, internal): public CIDRs reach the public endpoint, internal ones the private one."""
-    public, internal = [], []
+    public: list[str] = []
+    internal: list[str] = []
     for c in cidrs:
         net = ipaddress.ip_network(c, strict=False)
-        is_internal = net.version == 4 and any(net.subnet_of(n) for n in _INTERNAL)
+        is_internal = isinstance(net, ipaddress.IPv4Network) and any(net.subnet_of(n) for n in _INTERNAL)
         (internal if is_internal else public).append(c)
     return public, internal
 
@@ -163,7 +164,7 @@ class AwsGpuCluster(Construct):
 
     def _network(self, zones: list[str]) -> list[str]:
         p = self.props
-        net = ipaddress.ip_network(p.network_cidr)
+        net = ipaddress.IPv4Network(p.network_cidr)  # a VPC's primary CIDR block is IPv4
         # Private /19s for nodes and pods (VPC CNI gives pods VPC addresses), /24s for NAT at the end.
         private_blocks = list(net.subnets(new_prefix=19))
         public_blocks = list(private_blocks[-1].subnets(new_prefix=24))

@@ -346,7 +346,7 @@ class AzureGpuCluster(Construct):
         return APPS_POOL
 
     def _reservation_grant(self, pool: GpuPoolProps) -> role_assignment.RoleAssignment:
-        crg = pool.reservation_id
+        crg = pool.reservation
         role = role_definition.RoleDefinition(
             self,
             f"{pool.name}-crg-role",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from cdktn import TerraformProvider
     from constructs import Construct
     from gpufleet.stacks.spec import Fleet, Region
 
@@ -59,6 +60,13 @@ class GpuPoolProps:
     @property
     def taint(self) -> str:
         return f"{GPU_TAINT_KEY}={GPU_TAINT_VALUE}:{GPU_TAINT_EFFECT}"
+
+    @property
+    def reservation(self) -> str:
+        """The reservation id of a reserved pool (the fleet spec requires one for tier reserved)."""
+        if not self.reservation_id:
+            raise ValueError(f"GPU pool {self.name}: tier {self.tier!r} needs a reservation_id")
+        return self.reservation_id
 
 
 @dataclass(frozen=True)
@@ -218,15 +226,19 @@ def build_cluster(scope: Construct, construct_id: str, props: ClusterProps):
     raise ValueError(f"unknown cloud {props.cloud!r}")
 
 
-def add_provider(scope: Construct, props: ClusterProps):
+def add_provider(scope: Construct, props: ClusterProps) -> TerraformProvider:
     """The cloud's Terraform provider for a stack holding this cluster."""
     if props.cloud == "aws":
-        from gpufleet.modules.aws_cluster import add_provider as make
-    elif props.cloud == "gcp":
-        from gpufleet.modules.gcp_cluster import add_provider as make
-    else:
-        from gpufleet.modules.azure_cluster import add_provider as make
-    return make(scope, props)
+        from gpufleet.modules.aws_cluster import add_provider as aws
+
+        return aws(scope, props)
+    if props.cloud == "gcp":
+        from gpufleet.modules.gcp_cluster import add_provider as gcp
+
+        return gcp(scope, props)
+    from gpufleet.modules.azure_cluster import add_provider as azure
+
+    return azure(scope, props)
 
 
 def emit_outputs(scope: Construct, outputs: ClusterOutputs) -> None:

@@ -126,14 +126,13 @@ class GlobalTraffic(Construct):
             )  # fmt: skip
             # The regional name goes as Host and SNI (it is on the router's certificate); with an IP the
             # checkers connect to it, without one they resolve the name (CNAME to the load balancer).
-            target = {"ip_address": r.address} if r.is_ip else {}
             check = Route53HealthCheck(
                 self, f"{r.region_key}-health", type="HTTPS", port=ROUTER_LB_PORT, resource_path=HEALTH_PATH,
                 fqdn=name, failure_threshold=3, request_interval=10, reference_name=r.region_key[:28],
                 tags={"Name": f"gpufleet {r.region_key} router", REGION_TAG: r.region_key},
                 # `gpufleet failover --dns` drains a region by inverting its check; apply must not undo it.
                 lifecycle=TerraformResourceLifecycle(ignore_changes=["invert_healthcheck"]),
-                **target,
+                ip_address=r.address if r.is_ip else None,  # None: the binding leaves it out
             )  # fmt: skip
             names[r.region_key] = name
             checks[r.region_key] = check.id

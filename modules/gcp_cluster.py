@@ -85,6 +85,7 @@ class GcpGpuCluster(Construct):
         if not props.project:
             raise ValueError(f"cluster {props.name}: a GCP cluster needs a project")
         self.props = props
+        self.project: str = props.project
         self.labels = gcp_labels(dict(props.tags))
         self._network()
         self._node_account()
@@ -108,7 +109,7 @@ class GcpGpuCluster(Construct):
             self,
             "network",
             name=p.name,
-            project=p.project,
+            project=self.project,
             auto_create_subnetworks=False,
             routing_mode="REGIONAL",
         )
@@ -116,7 +117,7 @@ class GcpGpuCluster(Construct):
             self,
             "nodes",
             name=f"{p.name}-nodes",
-            project=p.project,
+            project=self.project,
             region=p.region,
             network=self.network.id,
             ip_cidr_range=p.network_cidr,
@@ -138,7 +139,7 @@ class GcpGpuCluster(Construct):
             self,
             "deny-ingress",
             name=f"{p.name}-deny-ingress",
-            project=p.project,
+            project=self.project,
             network=self.network.id,
             direction="INGRESS",
             priority=65534,
@@ -147,13 +148,13 @@ class GcpGpuCluster(Construct):
             log_config=compute_firewall.ComputeFirewallLogConfig(metadata="INCLUDE_ALL_METADATA"),
         )
         router = compute_router.ComputeRouter(
-            self, "router", name=p.name, project=p.project, region=p.region, network=self.network.id
+            self, "router", name=p.name, project=self.project, region=p.region, network=self.network.id
         )
         compute_router_nat.ComputeRouterNat(
             self,
             "nat",
             name=p.name,
-            project=p.project,
+            project=self.project,
             region=p.region,
             router=router.name,
             nat_ip_allocate_option="AUTO_ONLY",
@@ -166,7 +167,7 @@ class GcpGpuCluster(Construct):
         self.node_sa = service_account.ServiceAccount(
             self,
             "node-sa",
-            project=p.project,
+            project=self.project,
             account_id=short_name(f"{p.name}-nodes", 30),
             display_name=f"GKE nodes of {p.name}",
         )
@@ -174,23 +175,23 @@ class GcpGpuCluster(Construct):
             project_iam_member.ProjectIamMember(
                 self,
                 f"node-sa-role-{i}",
-                project=p.project,
+                project=self.project,
                 role=role,
                 member=f"serviceAccount:{self.node_sa.email}",
             )
 
     def _secrets_key(self) -> kms_crypto_key.KmsCryptoKey:
         p = self.props
-        project = data_google_project.DataGoogleProject(self, "project", project_id=p.project)
+        project = data_google_project.DataGoogleProject(self, "project", project_id=self.project)
         # google provider, kms_key_ring: "KeyRings cannot be deleted from Google Cloud Platform.
         # Destroying a Terraform-managed KeyRing will remove it from state but will not delete the
         # resource from the project." A fixed name would collide (409) on the next apply, so the name
         # takes a random suffix, kept in state; a new project or region draws a new one.
         suffix = random_id.Id(
-            self, "keyring-suffix", byte_length=4, keepers={"project": p.project, "location": p.region}
+            self, "keyring-suffix", byte_length=4, keepers={"project": self.project, "location": p.region}
         )
         ring = kms_key_ring.KmsKeyRing(
-            self, "keyring", name=f"{p.name}-gke-{suffix.hex}", location=p.region, project=p.project
+            self, "keyring", name=f"{p.name}-gke-{suffix.hex}", location=p.region, project=self.project
         )
         key = kms_crypto_key.KmsCryptoKey(
             self,
@@ -219,7 +220,7 @@ class GcpGpuCluster(Construct):
             self,
             "cluster",
             name=p.name,
-            project=p.project,
+            project=self.project,
             location=p.region,
             node_locations=list(p.zones) or None,
             # A minor ("1.35") is a valid version: GKE resolves it to a patch of that minor on the cluster's
@@ -266,7 +267,7 @@ class GcpGpuCluster(Construct):
             ),
             database_encryption=cc.ContainerClusterDatabaseEncryption(state="ENCRYPTED", key_name=key.id),
             workload_identity_config=cc.ContainerClusterWorkloadIdentityConfig(
-                workload_pool=f"{p.project}.svc.id.goog"
+                workload_pool=f"{self.project}.svc.id.goog"
             ),
             enable_shielded_nodes=True,
             enable_intranode_visibility=True,
@@ -303,7 +304,7 @@ class GcpGpuCluster(Construct):
             self,
             "system-pool",
             name=name,
-            project=p.project,
+            project=self.project,
             location=p.region,
             cluster=self.cluster.name,
             node_locations=list(p.zones) or None,
@@ -331,13 +332,13 @@ class GcpGpuCluster(Construct):
             reservation = np.ContainerNodePoolNodeConfigReservationAffinity(
                 consume_reservation_type="SPECIFIC_RESERVATION",
                 key="compute.googleapis.com/reservation-name",
-                values=[pool.reservation_id],
+                values=[pool.reservation],
             )
         np.ContainerNodePool(
             self,
             f"{pool.name}-pool",
             name=pool.name,
-            project=p.project,
+            project=self.project,
             location=p.region,
             cluster=self.cluster.name,
             node_locations=list(p.zones) or None,

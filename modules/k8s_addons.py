@@ -31,7 +31,7 @@ from gpufleet.modules.cluster import GPU_TAINT_KEY, LABEL_GPU_PRESENT, cluster_n
 from gpufleet.modules.k8s_objects import AZURE_SPOT_TAINT_KEY
 
 if TYPE_CHECKING:
-    from gpufleet.stacks.spec import Fleet, Region
+    from gpufleet.stacks.spec import Dns, Fleet, Region
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class ClusterAddons(Construct):
             self._release(DEVICE_PLUGIN, device_plugin_values())
         self._release(KEDA, {})
         if props.fleet.settings.dns is not None:
-            self._cert_manager()
+            self._cert_manager(props.fleet.settings.dns)
 
     def _release(self, chart: Chart, values: dict[str, Any], depends_on: list | None = None):
         from cdktn_provider_helm.release import Release
@@ -233,11 +233,11 @@ class ClusterAddons(Construct):
         values = cluster_autoscaler_values(name, p.region.region, p.kubernetes_version)
         self._release(CLUSTER_AUTOSCALER, values, depends_on=[identity])
 
-    def _cert_manager(self) -> None:
+    def _cert_manager(self, dns: Dns) -> None:
         from cdktn_provider_aws.data_aws_route53_zone import DataAwsRoute53Zone
 
         p = self.props
-        zone = DataAwsRoute53Zone(self, "zone", name=p.fleet.settings.dns.zone, private_zone=False)
+        zone = DataAwsRoute53Zone(self, "zone", name=dns.zone, private_zone=False)
         policy = route53_challenge_policy(zone.arn)
         values = {"crds": {"enabled": True}}
         if p.region.cloud.value == "aws":

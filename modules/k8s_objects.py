@@ -240,7 +240,7 @@ def namespace_objects(fleet: Fleet) -> list[Obj]:
 def engine_objects(fleet: Fleet, w: RegionWorkload) -> list[Obj]:
     labels = _labels("engine", fleet)
     gpus = str(w.tensor_parallel_size)
-    container = {
+    container: dict[str, Any] = {
         "name": "vllm",
         "image": w.image,
         # The image's ENTRYPOINT is `gpufleet engine launch`: it probes the GPUs and execs vLLM.

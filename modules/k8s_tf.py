@@ -76,7 +76,7 @@ def _kwargs(module: Any, annotations: dict[str, str], obj: dict[str, Any], where
     return out
 
 
-def _struct(module: Any, cls: type, obj: dict[str, Any], where: str) -> Any:
+def _struct(module: Any, cls: type[Any], obj: dict[str, Any], where: str) -> Any:
     if not isinstance(obj, dict):
         raise RenderError(f"{where}: expected an object for {cls.__name__}")
     return cls(**_kwargs(module, cls.__init__.__annotations__, obj, where))

@@ -118,7 +118,7 @@ async def _poll(session, lf, states: dict[str, RegionState]) -> None:
 
 
 def _render(states, cfg: DemoConfig, fleet, elapsed: float, records, sent: int, events):
-    from rich.console import Group
+    from rich.console import Group, RenderableType
     from rich.table import Table
     from rich.text import Text
 
@@ -146,7 +146,7 @@ def _render(states, cfg: DemoConfig, fleet, elapsed: float, records, sent: int, 
         f"SLO met {100 * met / done if done else 100:.1f}%   "
         f"failed {sum(1 for r in records if r.outcome == FAILED)}"
     )
-    lines = [head, t]
+    lines: list[RenderableType] = [head, t]
     if events:
         lines.append(Text("  ".join(f"[{w:.0f}s] {what}" for w, what in events), style="bold"))
     return Group(*lines)

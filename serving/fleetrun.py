@@ -19,9 +19,13 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from gpufleet.serving.procs import Supervisor, free_port, python_argv
+
+if TYPE_CHECKING:  # the spec pulls in pydantic; the fleet arrives already parsed
+    from gpufleet.stacks.spec import Fleet
 
 TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
 
@@ -51,7 +55,7 @@ class LocalRegion:
 class LocalFleet:
     """Start with `with LocalFleet(...) as lf:`; `lf.kill_region(key)` / `lf.restore_region(key)`."""
 
-    fleet: object  # gpufleet.stacks.spec.Fleet
+    fleet: Fleet
     regions: Sequence[str]
     workdir: Path
     engines_per_region: int = 2

@@ -96,7 +96,7 @@ def _nvml() -> tuple[GpuInfo, ...]:
 
 def parse_nvidia_smi(text: str) -> tuple[GpuInfo, ...]:
     """Lines `name, total MiB, free MiB` (csv, noheader, nounits)."""
-    out = []
+    out: list[GpuInfo] = []
     for line in text.strip().splitlines():
         name, total, free = (part.strip() for part in line.rsplit(",", 2))
         out.append(GpuInfo(len(out), name, int(total) * MIB, int(free) * MIB))

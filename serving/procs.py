@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import BinaryIO, NoReturn
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -89,7 +91,7 @@ class Supervisor:
             with contextlib.suppress(ValueError):  # not the main thread: atexit still covers us
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum: int, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> NoReturn:
         self.close()
         # Exit as the signal would have: 128 + its number.
         raise SystemExit(128 + signum)
@@ -98,7 +100,7 @@ class Supervisor:
         if name in self.children and self.children[name].alive():
             raise RuntimeError(f"{name} is already running (pid {self.children[name].pid})")
         log_file = None
-        out = subprocess.DEVNULL
+        out: int | BinaryIO = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_file = self.log_dir / f"{name}.log"
@@ -114,7 +116,7 @@ class Supervisor:
                 close_fds=True,
             )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()
         child = Child(name=name, argv=list(argv), proc=proc, log=log_file)
         self.children[name] = child

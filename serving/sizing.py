@@ -201,11 +201,14 @@ def fit_engine(
     at least MIN_SHORT_MODEL_LEN) if `allow_shorter_max_model_len`. Each step taken is a note in the
     plan. Weights that do not fit are never rescued: SizingError as from `plan_engine`.
     """
-    common = dict(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                  block_size=block_size)
+
+    def attempt(max_len: int | None, dtype: str) -> EnginePlan:
+        return plan_engine(model, gpu_memory_bytes, gpu_name, tensor_parallel_size=tensor_parallel_size,
+                           gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_len,
+                           kv_cache_dtype=dtype, block_size=block_size)
+
     try:
-        return plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=max_model_len,
-                           kv_cache_dtype=kv_cache_dtype, **common)
+        return attempt(max_model_len, kv_cache_dtype)
     except SizingError as exc:
         if exc.kv_tokens is None:
             raise
@@ -215,8 +218,7 @@ def fit_engine(
     if allow_fp8_kv_cache and dtype != "fp8":
         dtype = "fp8"
         try:
-            plan = plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=max_model_len,
-                               kv_cache_dtype=dtype, **common)
+            plan = attempt(max_model_len, dtype)
             return replace(plan, notes=(*notes, "chose --kv-cache-dtype fp8 (allow_fp8_kv_cache)"))
         except SizingError as exc:
             first = exc
@@ -230,8 +232,7 @@ def fit_engine(
             f"the minimum of {MIN_SHORT_MODEL_LEN}",
             kv_tokens=first.kv_tokens,
         )
-    plan = plan_engine(model, gpu_memory_bytes, gpu_name, max_model_len=shorter, kv_cache_dtype=dtype,
-                       **common)
+    plan = attempt(shorter, dtype)
     asked = min(max_model_len or model.max_context, model.max_context)
     return replace(plan, notes=(*notes, f"chose max_model_len {shorter} instead of {asked}: "
                                         f"{first.kv_tokens} KV tokens fit, rounded down to {SHORT_LEN_STEP}"))

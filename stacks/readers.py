@@ -23,7 +23,7 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -315,7 +315,7 @@ def dotted(loc: tuple | list) -> str:
     return text
 
 
-def schema_message(err: dict[str, Any], unknown_hint: str = "check the spelling") -> str:
+def schema_message(err: Mapping[str, Any], unknown_hint: str = "check the spelling") -> str:
     kind = err["type"]
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -444,9 +444,9 @@ def _yaml_error(file: str, text: str, exc: yaml.YAMLError) -> ReadError:
         return ReadError(file, f"is not valid YAML: the control character {shown} is not allowed", line, col)
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        what = exc.problem or exc.context
-        return ReadError(file, what if isinstance(exc, _Refused) else f"is not valid YAML: {what}", line, col)
+        at: tuple[int | None, int | None] = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        what = exc.problem or exc.context or str(exc)  # PyYAML always sets one; never print "None"
+        return ReadError(file, what if isinstance(exc, _Refused) else f"is not valid YAML: {what}", *at)
     return ReadError(file, f"is not valid YAML: {exc}")
 
 

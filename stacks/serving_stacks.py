@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from cdktn import App, TerraformStack
     from gpufleet.modules.k8s_router import K8sRouterOutputs
     from gpufleet.modules.k8s_serving import K8sServingOutputs
-    from gpufleet.stacks.spec import Fleet, Region
+    from gpufleet.stacks.spec import Dns, Fleet, Region
 
 GLOBAL_STACK = "global-traffic"
 ROUTE53_PROVIDER_REGION = "us-east-1"  # Route53 is global; its API lives in us-east-1
@@ -232,13 +232,12 @@ def _outdir(app: App):
     return Path(app.outdir)
 
 
-def _global_stack(app: App, fleet: Fleet, regions: dict[str, ServingStackHandle]) -> TerraformStack:
+def _global_stack(app: App, fleet: Fleet, dns: Dns, regions: dict[str, ServingStackHandle]) -> TerraformStack:
     from cdktn import TerraformStack
     from cdktn_provider_aws.provider import AwsProvider
     from gpufleet.modules.dns import GlobalTraffic, GlobalTrafficProps, RouterTarget
     from gpufleet.stacks.synth import configure_backend
 
-    dns = fleet.settings.dns
     stack = TerraformStack(app, GLOBAL_STACK)
     configure_backend(stack, fleet, GLOBAL_STACK, _outdir(app))
     AwsProvider(stack, "aws", region=ROUTE53_PROVIDER_REGION)
@@ -269,5 +268,6 @@ def add_serving_stacks(app: App, fleet: Fleet, clusters: dict[str, Any], *, imag
     for key, cluster in clusters.items():
         addons = _addons_stack(app, fleet, cluster)
         handles[key] = _serving_stack(app, fleet, cluster, image, addons)
-    glob = _global_stack(app, fleet, handles) if fleet.settings.dns is not None and handles else None
+    dns = fleet.settings.dns
+    glob = _global_stack(app, fleet, dns, handles) if dns is not None and handles else None
     return ServingStacks(handles, glob)

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from gpufleet.stacks import catalog
+from gpufleet.stacks.catalog import Model as CatalogModel  # a field named `catalog` shadows the module in class scope
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _NAME = r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$"
@@ -75,20 +76,35 @@ class ModelSpec(_Strict):
         return self
 
     @property
-    def shape(self) -> catalog.Model:
+    def shape(self) -> CatalogModel:
         """The architecture as a catalog record (explicit numbers override the catalog's)."""
-        base = catalog.model(self.catalog) if self.catalog else None
-        return catalog.Model(
-            key=self.catalog or self.name,
-            hf_id=self.hf_id or (base.hf_id if base else self.name),
+        if not self.catalog:
+            # _architecture_known: without `catalog`, every architecture number is given
+            assert self.params_b and self.layers and self.kv_heads and self.head_dim
+            return CatalogModel(
+                key=self.name,
+                hf_id=self.hf_id or self.name,
+                params_b=self.params_b,
+                layers=self.layers,
+                hidden_size=self.hidden_size or self.kv_heads * self.head_dim * 4,
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                max_context=self.max_context or self.max_model_len,
+                active_params_b=None,
+                gated=self.gated if self.gated is not None else False,
+            )
+        base = catalog.model(self.catalog)
+        return CatalogModel(
+            key=self.catalog,
+            hf_id=self.hf_id or base.hf_id,
             params_b=self.params_b or base.params_b,
             layers=self.layers or base.layers,
-            hidden_size=self.hidden_size or (base.hidden_size if base else self.kv_heads * self.head_dim * 4),
+            hidden_size=self.hidden_size or base.hidden_size,
             kv_heads=self.kv_heads or base.kv_heads,
             head_dim=self.head_dim or base.head_dim,
-            max_context=self.max_context or (base.max_context if base else self.max_model_len),
-            active_params_b=base.active_params_b if base else None,
-            gated=self.gated if self.gated is not None else (base.gated if base else False),
+            max_context=self.max_context or base.max_context,
+            active_params_b=base.active_params_b,
+            gated=self.gated if self.gated is not None else base.gated,
         )
 
 

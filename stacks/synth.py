@@ -75,7 +75,9 @@ def configure_backend(stack: TerraformStack, fleet: Fleet, name: str, outdir: Pa
 
     state = fleet.settings.state
     key = f"{state.prefix}/{fleet.fleet}/{name}"
+    # StateBackend._complete has required each backend's fields, so the asserts below only narrow types.
     if state.backend == "s3":
+        assert state.bucket is not None
         S3Backend(
             stack,
             bucket=state.bucket,
@@ -85,8 +87,10 @@ def configure_backend(stack: TerraformStack, fleet: Fleet, name: str, outdir: Pa
             use_lockfile=True,  # S3-native locking, no DynamoDB table: needs Terraform/OpenTofu >= 1.10
         )
     elif state.backend == "gcs":
+        assert state.bucket is not None
         GcsBackend(stack, bucket=state.bucket, prefix=key)
     elif state.backend == "azurerm":
+        assert state.storage_account is not None and state.container is not None
         AzurermBackend(
             stack,
             storage_account_name=state.storage_account,

@@ -13,9 +13,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import dataclass, field
 
 from gpufleet.serving.engine.model import EngineConfig, Request, StepCost, calibration
 from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop
+
+
+@dataclass
+class _Tally:
+    """What the closed-loop client has sent and seen so far."""
+
+    sent: int = 0
+    out: int = 0
+    last: float = 0.0
+    tpot: list[float] = field(default_factory=list)
 
 
 def simulate_point(point: dict, cost: StepCost) -> float:
@@ -34,20 +45,20 @@ def simulate_point(point: dict, cost: StepCost) -> float:
     eng = VirtualEngine(loop, cfg)
     conc, total = int(point["concurrency"]), int(point["num_prompts"])
     isl, osl = int(point["input_len"]), int(point["output_len"])
-    state = {"sent": 0, "done": 0, "out": 0, "first": None, "last": 0.0, "tpot": []}
+    state = _Tally()
 
     def finish(req: Request, t: float) -> None:
-        state["done"] += 1
-        state["out"] += req.num_output_tokens
-        state["last"] = t
+        state.out += req.num_output_tokens
+        state.last = t
         if req.num_output_tokens > 1:
-            state["tpot"].append((t - req.first_token_time) / (req.num_output_tokens - 1))
+            assert req.first_token_time is not None  # set when the first output token was made
+            state.tpot.append((t - req.first_token_time) / (req.num_output_tokens - 1))
         send()
 
     def send() -> None:
-        if state["sent"] < total:
-            i = state["sent"]
-            state["sent"] += 1
+        if state.sent < total:
+            i = state.sent
+            state.sent += 1
             # distinct prompts: no prefix sharing (random-token benchmarks)
             loop.submit(
                 eng, Request(f"p{i}", prompt_len=isl, max_tokens=osl, ignore_eos=True), on_finish=finish
@@ -57,9 +68,9 @@ def simulate_point(point: dict, cost: StepCost) -> float:
         send()
     loop.run()
     if point["metric"] == "output_tok_s":
-        return state["out"] / state["last"]
+        return state.out / state.last
     if point["metric"] == "tpot_ms":
-        tp = sorted(state["tpot"])
+        tp = sorted(state.tpot)
         return 1000 * tp[len(tp) // 2]
     raise ValueError(f"unknown metric {point['metric']!r}")
 

@@ -16,6 +16,7 @@ with the reason, and the cloud's status is partial.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -187,7 +188,7 @@ class AwsAdapter:
         if not regions:
             return {}
         return {
-            f"spot-scores:{g}": (lambda g=g: self._spot_scores(home, g, regions))
+            f"spot-scores:{g}": functools.partial(self._spot_scores, home, g, regions)
             for g, its in self._types.items()
             if its
         }
@@ -314,8 +315,10 @@ class AwsAdapter:
             for row in rows:
                 row.notes.append(f"vCPU usage unknown ({exc.message}): free GPUs assume none in use")
         for row in rows:
-            it = catalog.instance_type("aws", row.instance_type)
             offer = row.offer
+            if offer is None:  # the caller passes offered rows only, and those always have one
+                continue
+            it = catalog.instance_type("aws", offer.name)
             for tier_key, code in it.quota.items():
                 if code in failed:
                     why = failed[code].message

@@ -214,10 +214,11 @@ class AzureAdapter:
             offer = row.offer
             if offer is not None:
                 it = catalog.instance_type("azure", offer.name)
-                fam = quota.get((it.family or "").lower())
+                family = it.family or ""
+                fam = quota.get(family.lower())
                 if fam is not None:
                     q = Quota.of(
-                        it.family, "vcpu", fam[0], fam[1], per_node=offer.vcpus, gpus_per_node=offer.gpus
+                        family, "vcpu", fam[0], fam[1], per_node=offer.vcpus, gpus_per_node=offer.gpus
                     )
                     if cores is not None:
                         # The regional vCPU total caps every family.

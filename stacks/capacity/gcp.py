@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpufleet.stacks import catalog
 from gpufleet.stacks.capacity.model import (
@@ -27,6 +27,9 @@ from gpufleet.stacks.capacity.model import (
     choose_instance,
 )
 from gpufleet.stacks.capacity.scan import Caller, ScanOptions
+
+if TYPE_CHECKING:
+    from google.auth.credentials import Credentials
 
 _THROTTLE_REASONS = {"rateLimitExceeded", "userRateLimitExceeded", "RATE_LIMIT_EXCEEDED", "quotaExceeded"}
 _DISABLED_REASONS = {"accessNotConfigured", "SERVICE_DISABLED"}
@@ -94,8 +97,8 @@ def translate(exc: BaseException) -> CloudError:
     try:
         import requests
     except ImportError:  # pragma: no cover - requests comes with google-auth
-        requests = None
-    if requests is not None:
+        pass
+    else:
         if isinstance(exc, requests.Timeout):
             return CloudError(ErrorKind.timeout, "gcp: the API did not answer in time")
         if isinstance(exc, requests.ConnectionError):
@@ -166,7 +169,7 @@ class GcpAdapter:
         if self.opts.endpoints.get("gcp"):
             from google.auth.credentials import AnonymousCredentials
 
-            self._credentials = AnonymousCredentials()
+            self._credentials: Credentials = AnonymousCredentials()
         else:
             import google.auth
 

@@ -42,7 +42,7 @@ class Pick:
 
     @property
     def gpus(self) -> int:
-        return self.nodes * self.row.offer.gpus
+        return self.nodes * _gpus_per_node(self.row)
 
     @property
     def cost_per_hour(self) -> float | None:
@@ -63,8 +63,13 @@ class Placement:
 
     @property
     def cost_per_hour(self) -> float | None:
-        costs = [p.cost_per_hour for p in self.picks]
-        return None if any(c is None for c in costs) else sum(costs)
+        costs = [c for p in self.picks if (c := p.cost_per_hour) is not None]
+        return sum(costs) if len(costs) == len(self.picks) else None
+
+
+def _gpus_per_node(row: RegionCapacity) -> int:
+    assert row.offer is not None  # candidates() keeps only rows with an offer
+    return row.offer.gpus
 
 
 def candidates(
@@ -107,7 +112,7 @@ def _allocate(
     for r in rows:
         if remaining <= 0:
             break
-        per_node = r.offer.gpus
+        per_node = _gpus_per_node(r)
         avail = r.obtainable(tier)
         if cap is not None:
             avail = min(avail, max(per_node, math.ceil(cap / per_node) * per_node))

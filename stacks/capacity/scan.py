@@ -196,7 +196,7 @@ def scan(
                 if pending_jobs[a.cloud] == 0:
                     _finish(a, rows, cloud_out, cloud_err, results)
     all_rows = [r for a in adapters for r in rows[a.cloud]]
-    retries = sum(a.caller.retries for a in adapters if isinstance(getattr(a, "caller", None), Caller))
+    retries = sum(c.retries for a in adapters if isinstance(c := getattr(a, "caller", None), Caller))
     return ScanResult(all_rows, results, time.monotonic() - started, retries)
 
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MAX_INPUT_BYTES = 512 * 1024 * 1024
 
@@ -418,6 +418,14 @@ def blocks(value: Any) -> list[dict[str, Any]]:
 def first(value: Any) -> dict[str, Any]:
     found = blocks(value)
     return found[0] if found else {}
+
+
+_D = TypeVar("_D")
+
+
+def text_or(value: Any, default: _D) -> str | _D:
+    """The value if it is a string, else the default (plan values are untyped JSON)."""
+    return value if isinstance(value, str) else default
 
 
 def dig(value: Any, *keys: str) -> Any:

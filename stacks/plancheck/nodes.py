@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gpufleet.stacks.plancheck.inputs import ResourceChange, blocks, dig, first
+from gpufleet.stacks.plancheck.inputs import ResourceChange, blocks, dig, first, text_or
 from gpufleet.stacks.plancheck.pools import GPU_TAINT_KEY, Taint, Topology, effect_name, parse_k8s_taint, truthy
 from gpufleet.stacks.plancheck.regions import RegionStacks
 from gpufleet.stacks.plancheck.workloads import Workload
@@ -102,7 +102,7 @@ def _azure_taints(raw: Any) -> list[Taint] | None:
 
 def _aws(rc: ResourceChange, gpu: bool) -> NodePool:
     v = rc.values
-    name = v.get("node_group_name") if isinstance(v.get("node_group_name"), str) else rc.name
+    name = text_or(v.get("node_group_name"), rc.name)
     taints = (
         None
         if rc.after_unknown.get("taint") is True
@@ -139,7 +139,7 @@ def _gke(rc: ResourceChange, name: str, node: dict[str, Any], gpu: bool, unknown
 
 
 def _aks(rc: ResourceChange, pool: dict[str, Any], gpu: bool, default: bool) -> NodePool:
-    name = pool.get("name") if isinstance(pool.get("name"), str) else rc.name
+    name = text_or(pool.get("name"), rc.name)
     taints = _azure_taints(pool.get("node_taints"))
     labels = _labels(pool.get("node_labels"))
     spot = str(pool.get("priority", "")).lower() == "spot"
@@ -165,7 +165,7 @@ def node_pools(topology: Topology, region: RegionStacks) -> list[NodePool]:
         if rc.type == "aws_eks_node_group":
             out.append(_aws(rc, is_gpu))
         elif rc.type == "google_container_node_pool":
-            name = v.get("name") if isinstance(v.get("name"), str) else rc.name
+            name = text_or(v.get("name"), rc.name)
             out.append(_gke(rc, name, first(v.get("node_config")), is_gpu, rc.after_unknown.get("node_config") is True))
         elif rc.type == "google_container_cluster":
             inline = blocks(v.get("node_pool"))

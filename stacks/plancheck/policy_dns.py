@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 
-from gpufleet.stacks.plancheck.inputs import ResourceChange, first
+from gpufleet.stacks.plancheck.inputs import ResourceChange, first, text_or
 from gpufleet.stacks.plancheck.policy_base import Context, Finding, Policy, finding, policy
 from gpufleet.stacks.plancheck.regions import live
 
@@ -43,7 +43,7 @@ def _latency_records(ctx: Context) -> Iterator[Finding]:
         name = _known(v.get("name"))
         if region is None or name is None:
             continue
-        zone = v.get("zone_id") if isinstance(v.get("zone_id"), str) else f"(zone of {rc.stack})"
+        zone = text_or(v.get("zone_id"), f"(zone of {rc.stack})")
         key = (str(zone), name.lower().rstrip("."), str(v.get("type", "")).upper())
         groups[key][region].append(rc)
     for (_zone, name, rtype), by_region in sorted(groups.items()):

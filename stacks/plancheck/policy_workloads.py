@@ -299,9 +299,9 @@ def _gated_model(ctx: Context, w: Workload) -> tuple[str, catalog.Model] | None:
     for c in w.containers:
         words.update(a.casefold() for a in c.args)
         words.update(str(e.value).casefold() for e in c.env if isinstance(e.value, str))
-    for m in catalog.models().values():
-        if m.gated and (m.key.casefold() in words or m.hf_id.casefold() in words):
-            return m.key, m
+    for shape in catalog.models().values():
+        if shape.gated and (shape.key.casefold() in words or shape.hf_id.casefold() in words):
+            return shape.key, shape
     return None
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.stacks import catalog
-from gpufleet.stacks.plancheck.inputs import Inputs, ResourceChange, blocks, dig, first
+from gpufleet.stacks.plancheck.inputs import Inputs, ResourceChange, blocks, dig, first, text_or
 
 POOL_TYPES = {
     "aws_eks_node_group": "aws",
@@ -253,7 +253,7 @@ class Topology:
         accel_count = _int(accels[0].get("count")) if accels else None
         gpu_key = it.gpu if it else _gpu_from_accelerator(accel_type)
         locations = None if _unknown(rc, "node_locations") else _str_list(v.get("node_locations"))
-        location = v.get("location") if isinstance(v.get("location"), str) else None
+        location = text_or(v.get("location"), None)
         if not locations and location and _GCP_ZONE.match(location):
             locations = [location]  # a zonal pool
         auto = first(v.get("autoscaling"))
@@ -263,10 +263,11 @@ class Topology:
             lo = _int(auto.get("total_min_node_count"))
             hi = _int(auto.get("total_max_node_count"))
             # min/max_node_count are per zone; the pool's total is that times its zones
-            if lo is None and _int(auto.get("min_node_count")) is not None:
-                lo = _int(auto["min_node_count"]) * zones_n
-            if hi is None and _int(auto.get("max_node_count")) is not None:
-                hi = _int(auto["max_node_count"]) * zones_n
+            per_zone_lo, per_zone_hi = _int(auto.get("min_node_count")), _int(auto.get("max_node_count"))
+            if lo is None and per_zone_lo is not None:
+                lo = per_zone_lo * zones_n
+            if hi is None and per_zone_hi is not None:
+                hi = per_zone_hi * zones_n
         else:
             initial = fixed if fixed is not None else _int(v.get("initial_node_count"))
             lo = hi = None if initial is None else initial * zones_n

@@ -109,10 +109,11 @@ def parse_waivers(doc: Any, source: str, marks: dict[int, str] | None = None) ->
             raise InputError(f"{where}.stack must be a string (a glob over stack names)")
         expires = e.get("expires")
         if isinstance(expires, str):
+            text = expires
             try:
-                expires = dt.date.fromisoformat(expires)
+                expires = dt.date.fromisoformat(text)
             except ValueError:
-                raise InputError(f"{where}.expires {expires[:40]!r} is not an ISO date (YYYY-MM-DD)") from None
+                raise InputError(f"{where}.expires {text[:40]!r} is not an ISO date (YYYY-MM-DD)") from None
         if isinstance(expires, dt.datetime):
             expires = expires.date()
         if not isinstance(expires, dt.date):

@@ -145,13 +145,13 @@ def _container(c: dict[str, Any], camel: bool) -> Container:
         amounts = _str_map(resources.get(kind)) or {}
         if amounts.get(GPU_RESOURCE, "0") not in ("0", ""):
             wants = True
-    args = c.get("args") if isinstance(c.get("args"), list) else []
-    command = c.get("command") if isinstance(c.get("command"), list) else []
+    command, args = c.get("command"), c.get("args")
+    argv = [*(command if isinstance(command, list) else []), *(args if isinstance(args, list) else [])]
     image = c.get("image")
     return Container(
         name=_text(c.get("name")) or "?",
         image=image if isinstance(image, str) else None,
-        args=[_text(a) for a in command] + args,
+        args=[_text(a) for a in argv],  # args too: a number in a plan's args is text to the policies
         env=env,
         env_from_secrets=env_from,
         mounts=mounts,

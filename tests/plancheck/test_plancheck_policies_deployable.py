@@ -624,3 +624,13 @@ def test_gpu019_in_plans_reads_the_configuration(tmp_path):
         change("google_kms_key_ring.ring", {"location": "us-central1"}, unknown={"name": True}),
     )
     assert of(check([suffixed, unknown], run_checkov=False, today=TODAY).findings, "GPU019") == []
+
+
+def test_numbers_in_container_args_are_text_to_the_policies(tmp_path, docs):
+    """A plan may carry `args: ["--port", 8000]`: the workload reader turns every item to text (it
+    crashed with AttributeError on the int before)."""
+    c = engine_container(docs)
+    c["args"] = [*c.get("args", []), "--port", 8000]
+    del c["env"]
+    found = run(tmp_path, docs, "GPU018")  # reads the args for --model
+    assert [f.address for f in found] == ["kubernetes_deployment_v1.engine"]
