@@ -43,6 +43,7 @@ ENGINE = "gpufleet-engine"
 ENGINE_HEADLESS = "gpufleet-engine-headless"
 ROUTER = "gpufleet-router"
 ROUTER_INTERNAL = "gpufleet-router-internal"  # ClusterIP, plain HTTP: KEDA's /scale reads, in-cluster clients
+ROUTER_HEADLESS = "gpufleet-router-headless"  # one A record per router replica: they share reservations
 ADMIN_SECRET = "gpufleet-router-admin"
 ADMIN_SECRET_KEY = "token"
 HF_SECRET_KEY = "token"
@@ -400,6 +401,10 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
             "0.0.0.0",
             "--port",
             str(ROUTER_PORT),
+            # The replicas find each other here and subtract each other's reservations, so two of
+            # them never book the same free KV twice (serving/router/replicas.py).
+            "--replicas-dns",
+            f"{ROUTER_HEADLESS}.{NAMESPACE}.svc.cluster.local:{ROUTER_PORT}",
         ],
         "ports": ports,
         "imagePullPolicy": "Always",  # with a digest the kubelet only compares it (checkov CKV_K8S_15)
@@ -451,6 +456,18 @@ def router_objects(fleet: Fleet, w: RegionWorkload, replicas: int = 2) -> list[O
             "kind": "PodDisruptionBudget",
             "metadata": _meta(ROUTER, labels),
             "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(ROUTER_HEADLESS, labels),
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
+                # A replica that is starting is a replica already taking requests: publish it early.
+                "publishNotReadyAddresses": True,
+            },
         },
         {
             "apiVersion": "v1",

@@ -33,7 +33,7 @@ def test_one_file_per_region_valid_against_the_kubernetes_schemas(written, examp
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(
             ["ConfigMap", "Deployment", "Deployment", "Namespace", "PodDisruptionBudget", "PodDisruptionBudget"]
-            + ["Service"] * 4 + sorted(CUSTOM_KINDS)
+            + ["Service"] * 5 + sorted(CUSTOM_KINDS)
         )
         for d in docs:
             if d["kind"] in CUSTOM_KINDS:

@@ -183,6 +183,10 @@ def test_router_replicas_command_secrets_and_tls(synthesized, example_fleet):
         c = router["spec"]["template"]["spec"]["container"][0]
         assert c["command"] + c["args"][:2] == ["gpufleet", "router", "serve"]
         assert c["args"][c["args"].index("--region") + 1] == region.key
+        # Two replicas share their reservations through the headless Service.
+        assert c["args"][c["args"].index("--replicas-dns") + 1] == (
+            "gpufleet-router-headless.gpufleet.svc.cluster.local:8080"
+        )
         assert c["image"] == "ghcr.io/acme/gpufleet-serving:0.1.0"
         # The token reaches the router as a file from the Secret, never as a literal or an env value.
         assert "env" not in c

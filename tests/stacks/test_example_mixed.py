@@ -94,4 +94,4 @@ def test_serving_objects_are_valid_kubernetes_for_the_fleets_version(fleet, tmp_
                 continue  # KEDA and cert-manager kinds: their schemas ship with their CRDs
             kubernetes_validate.validate(doc, version, strict=True)
             checked += 1
-    assert checked == 3 * 10
+    assert checked == 3 * 11
