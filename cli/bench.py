@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail
 
-POLICIES = ("headroom", "round-robin", "least-outstanding")
+# Over HTTP each region's router runs one of the policies the fleet file allows (stacks/spec.py
+# RouterSettings.policy); in the simulator every registered policy runs, under either reach.
+HTTP_POLICIES = ("headroom", "round-robin", "least-outstanding")
+SIM_POLICIES = ("default", "round-robin", "least-outstanding", "power-of-two", "prefix-affinity", "llm-d",
+                "instance-aware", "kv-cost")  # fmt: skip
+REACHES = ("regional", "global")
 # ../shared/traces beside the repository (the traces are shared data, never copied in)
 DEFAULT_TRACE = Path("..") / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 
@@ -35,10 +41,18 @@ def register(app: typer.Typer) -> None:
         http: bool = typer.Option(True, "--http/--no-http", help="run the experiments over HTTP"),
         peer: bool = typer.Option(True, "--peer/--no-peer", help="vllm-router side by side, where installed"),
         report_dir: Path = typer.Option(Path("results/bench"), "--report-dir"),
+        reach: list[str] = typer.Option(
+            ["regional", "global"], "--reach", help="simulator reach, repeat: regional (a router per region, "
+            "as deployed) and/or global (one router over every engine, paying the round trip)",
+        ),
     ) -> None:
-        """Round-robin, least-outstanding and headroom (and vllm-router) on the same trace slices."""
+        """Every policy in the simulator (regional and global reach), and over HTTP the router's policies
+        per region beside vllm-router as one global router, on the same trace slices."""
         if duration <= 0 or time_scale <= 0 or any(x <= 0 for x in load):
             fail("--duration, --time-scale and --load-scale must be positive")
+        bad_reach = [r for r in reach if r not in REACHES]
+        if bad_reach:
+            fail(f"--reach {bad_reach[0]!r}: regional or global")
         if not trace.is_file():
             fail(f"--trace {trace}: no such file (the public traces live in ../shared/traces)")
         from gpufleet.cli.common import console, load_fleet_or_exit
@@ -56,7 +70,7 @@ def register(app: typer.Typer) -> None:
             fail(f"region {bad[0]!r} is not in {fleet}; regions: {', '.join(sorted(keys))}")
         fail_region = fail_region or regions[1 % len(regions)]
         out = console()
-        policies = list(POLICIES)
+        policies = list(HTTP_POLICIES)
         notes = [
             f"fleet {fleet}: regions {', '.join(regions)}, {engines} engine(s) each"
             + (f", {blocks} KV blocks per engine" if blocks else ""),
@@ -89,15 +103,15 @@ def register(app: typer.Typer) -> None:
                             span / 3 if fail_it else None,
                             span / 3 if fail_it else None,
                         )
-                        for p in policies:
-                            if sim and not p.startswith("vllm-router"):
-                                runs.append(sim_run(setup, items, p, trace.name, x))
-                                _line(out, runs[-1])
-                            if http:
-                                runs.append(
-                                    http_run(setup, items, p, trace.name, x, time_scale, Path(work) / p)
-                                )
-                                _line(out, runs[-1])
+                        if sim:
+                            for r_ in reach:
+                                for p in SIM_POLICIES:
+                                    runs.append(sim_run(replace(setup, reach=r_), items, p, trace.name, x,
+                                                        label=f"{p}@{r_}"))  # fmt: skip
+                                    _line(out, runs[-1])
+                        for p in policies if http else ():
+                            runs.append(http_run(setup, items, p, trace.name, x, time_scale, Path(work) / p))
+                            _line(out, runs[-1])
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (FleetRunError, loadgen.WorkloadError) as exc:

@@ -35,6 +35,8 @@ class Setup:
     fail_region: str | None = None
     fail_at_s: float | None = None  # model seconds
     fail_for_s: float | None = None
+    reach: str = "regional"  # the simulator's router reach (regional | global); see sim/core.py
+    ttft_slo_s: float | None = None  # override the fleet's TTFT target
 
     @property
     def failure(self) -> str | None:
@@ -49,8 +51,10 @@ def peer_router_available() -> bool:
 
 
 def sim_run(
-    setup: Setup, items: Sequence[loadgen.WorkItem], policy: str, trace: str, load: float
-) -> RunResult:
+    setup: Setup, items: Sequence[loadgen.WorkItem], policy: str, trace: str, load: float,
+    label: str | None = None,
+) -> RunResult:  # fmt: skip
+    """`label` names the run in reports (default: the policy, with `@global` under global reach)."""
     from gpufleet.serving.sim.core import Failure, SimConfig, Simulator
 
     failures = []
@@ -59,11 +63,13 @@ def sim_run(
     sim = Simulator(
         setup.fleet,
         SimConfig(policy=policy, failures=failures, engines_per_region=setup.engines_per_region,
-                  num_gpu_blocks=setup.num_gpu_blocks, regions=setup.regions),
+                  num_gpu_blocks=setup.num_gpu_blocks, regions=setup.regions, reach=setup.reach,
+                  ttft_slo_s=setup.ttft_slo_s),
     )  # fmt: skip
     r = sim.run(items)
     return RunResult(
-        driver="sim", trace=trace, policy=policy, load_scale=load, summary=r.summary, failure=setup.failure,
+        driver="sim", trace=trace, load_scale=load, summary=r.summary, failure=setup.failure,
+        policy=label or (policy if setup.reach == "regional" else f"{policy}@{setup.reach}"),
         failed_during_failure=r.failed_during_failure, records=r.records, kv_series=r.kv_series,
         events=r.events, extra=r.extra(),
     )  # fmt: skip
@@ -131,6 +137,8 @@ def http_run(
 def _peer_argv(worker_urls: list[str], policy: str, port: int) -> list[str]:
     import sys
 
+    from gpufleet.serving.procs import free_port
+
     exe = shutil.which("vllm-router")
     head = [exe] if exe else [sys.executable, "-m", "vllm_router.launch_router"]
     return [
@@ -143,4 +151,10 @@ def _peer_argv(worker_urls: list[str], policy: str, port: int) -> list[str]:
         "127.0.0.1",
         "--port",
         str(port),
+        # its Prometheus exporter listens on a fixed port (29000) by default: a second router on the
+        # machine (another run, a test beside this one) would fail to start
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
     ]

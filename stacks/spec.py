@@ -284,7 +284,11 @@ class RouterSettings(_Strict):
     tls_cert_file: str | None = Field(None, description="PEM certificate chain; with tls_key_file, HTTPS on tls_port")
     tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
     tls_port: int = Field(8443, ge=1, le=65535, description="HTTPS port, beside the plain --port")
-    policy: Literal["headroom", "round-robin", "least-outstanding"] = "headroom"
+    # serving/router/policies POLICIES; "default" is what the router ships (policies.DEFAULT_POLICY)
+    policy: Literal[
+        "default", "predictive", "headroom", "round-robin", "least-outstanding", "power-of-two",
+        "prefix-affinity", "llm-d", "instance-aware", "kv-cost",
+    ] = "default"
     pace_fraction: float = Field(
         0.8,
         gt=0,

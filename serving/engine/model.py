@@ -21,9 +21,9 @@ vllm/v1/core/block_pool.py; FACTS.md section 1):
   running request is preempted by recompute (its blocks freed, `num_computed = 0`) and put at the
   FRONT of the waiting queue; then, if nothing was preempted this step, waiting requests are admitted
   in order while `max_num_seqs` and the token budget allow.
-* Step time: `overhead + max(bytes / (HBM * mem_eff), flops / (bf16 * compute_eff))` per GPU, with
-  bytes = weights + KV read, flops = 2 x params x tokens + attention, plus a tensor-parallel
-  all-reduce cost; the factors come from `calibration.yaml`.
+* Step time: `overhead + seq_overhead x sequences + max(bytes / (HBM * mem_eff), flops / (bf16 *
+  compute_eff))` per GPU, with bytes = weights + KV read, flops = 2 x params x tokens + attention,
+  plus a tensor-parallel all-reduce cost; the factors come from `calibration.yaml`.
 
 Fast-forward: when a step is pure decode with nothing admissible waiting, the next steps up to the
 next finish are structurally identical; `schedule(max_steps=k)` plans them as one window whose
@@ -54,6 +54,9 @@ class StepCost:
     tp_allreduce_s_per_layer: float = 1.5e-5
     # 1: memory and compute overlap fully (pure roofline, max); 0: they add up (no overlap)
     overlap: float = 1.0
+    # per sequence in the step: the scheduler, sampling and per-request kernels' launch cost, which
+    # a big decode batch pays and the matmul roofline leaves out
+    seq_overhead_s: float = 0.0
 
 
 @cache
@@ -473,6 +476,32 @@ class StepPlan:
         return sum(n for _, n in self.scheduled)
 
 
+def plan_step(
+    cfg: ResolvedConfig, tokens: int, ctx_read: float, attn: float, n_seqs: int, *, now: float = 0.0,
+    scheduled: list | None = None, steps: int = 1, slow: float = 1.0,
+) -> StepPlan:  # fmt: skip
+    """The roofline of one step (or a window) from its totals: `tokens` computed, `ctx_read` KV tokens
+    read and written, `attn` = sum of new tokens x the context they attend to, `n_seqs` sequences.
+    The engine's scheduler and the router's predictor (serving/router/predict.py) both use it."""
+    c = cfg.cost
+    bw = cfg.hbm_bytes_s * c.mem_efficiency
+    fl = cfg.flops_s * c.compute_efficiency
+    kvb = cfg.kv_bytes_per_token
+    attn_f = cfg.attn_flops_per_token_ctx
+    return StepPlan(
+        start=now,
+        scheduled=scheduled if scheduled is not None else [],
+        steps=steps,
+        base=c.overhead_s + cfg.tp_allreduce_s + c.seq_overhead_s * n_seqs,
+        a=(cfg.weight_bytes + ctx_read * kvb) / bw,
+        b=n_seqs * kvb / bw,
+        c=(tokens * cfg.flops_per_token + attn * attn_f) / fl,
+        d=n_seqs * attn_f / fl,
+        slow=slow,
+        overlap=c.overlap,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The engine
 
@@ -763,7 +792,6 @@ class Engine:
     def _plan(self, now: float, scheduled: list[tuple[Request, int]], steps: int) -> StepPlan:
         """Roofline step time per GPU: overhead + max(memory time, compute time), x slowdown."""
         cfg = self.cfg
-        c = cfg.cost
         tokens = 0
         ctx_read = 0  # KV tokens read (and written) by the step
         attn = 0.0  # sum of new tokens x the context they attend to
@@ -772,23 +800,8 @@ class Engine:
             ctx = req.num_computed_tokens
             ctx_read += ctx + n
             attn += n * (ctx + n / 2)
-        n_seqs = len(scheduled)
-        bw = cfg.hbm_bytes_s * c.mem_efficiency
-        fl = cfg.flops_s * c.compute_efficiency
-        kvb = cfg.kv_bytes_per_token
-        attn_f = cfg.attn_flops_per_token_ctx
-        return StepPlan(
-            start=now,
-            scheduled=scheduled,
-            steps=steps,
-            base=c.overhead_s + cfg.tp_allreduce_s,
-            a=(cfg.weight_bytes + ctx_read * kvb) / bw,
-            b=n_seqs * kvb / bw,
-            c=(tokens * cfg.flops_per_token + attn * attn_f) / fl,
-            d=n_seqs * attn_f / fl,
-            slow=self.slowdown,
-            overlap=c.overlap,
-        )
+        return plan_step(cfg, tokens, ctx_read, attn, len(scheduled), now=now, scheduled=scheduled,
+                         steps=steps, slow=self.slowdown)  # fmt: skip
 
     def _all_hashes(self, req: Request) -> list[int]:
         """Chained hashes of every full block of prompt + output (a preempted request's lookup)."""

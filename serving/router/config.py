@@ -36,6 +36,9 @@ class RegionInfo:
     engines: tuple[str, ...]
     engines_dns: str | None
     router_url: str | None
+    # (model catalog key, GPU catalog key, tensor-parallel size, max_model_len): the engine shape the
+    # predicting policy's step times come from (serving/router/predict.py profile_for)
+    shape: tuple[str, str, int, int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ def region_info(fleet: Fleet, key: str) -> RegionInfo:
         engines=tuple(u.rstrip("/") for u in r.endpoints.engines),
         engines_dns=r.endpoints.engines_dns,
         router_url=r.endpoints.router.rstrip("/") if r.endpoints.router else None,
+        shape=(model.catalog or model.name, r.gpu, model.tensor_parallel_size, model.max_model_len),
     )
 
 

@@ -85,6 +85,55 @@ _OUTCOMES = {400: "bad_request", 404: "bad_request", 408: "bad_request", 413: "b
              429: "rejected", 503: "unavailable"}  # fmt: skip
 
 
+PEER_SUMMARY_ENGINES = 4  # engines a region summary describes to its peers (as the simulator's)
+
+
+def _profile(shape):
+    """predict.EngineProfile of an engine shape (model, gpu, tp, max_model_len); None if unknown."""
+    if shape is None:
+        return None
+    from gpufleet.serving.router.predict import profile_for
+
+    try:
+        return profile_for(*shape)
+    except Exception:  # noqa: BLE001 - a GPU or model the catalog lacks: no prediction, say so in views
+        return None
+
+
+def engine_figures(views, shape, now: float) -> list[dict]:
+    ranked = sorted((v for v in views if v.healthy and not v.drained and v.sampled_at is not None),
+                    key=lambda v: (v.pending_prefill_tokens + v.waiting, -v.free_tokens, v.id))  # fmt: skip
+    return [
+        {"id": v.id, "shape": list(shape) if shape else None, "running": v.running, "waiting": v.waiting,
+         "kv_usage": v.kv_usage, "capacity_tokens": v.capacity_tokens, "free_tokens": v.free_tokens,
+         "pending_tokens": v.pending_tokens, "pending_prefill_tokens": v.pending_prefill_tokens,
+         "recent_itl_s": v.recent_itl_s, "recent_prompt_tokens": v.recent_prompt_tokens,
+         "recent_itl_tokens": v.recent_itl_tokens, "age_s": v.age(now)}  # fmt: skip
+        for v in ranked[:PEER_SUMMARY_ENGINES]
+    ]
+
+
+def _peer_engines(key: str, figures, received: float) -> tuple:
+    """EngineViews of a peer's engine_figures (an older peer sends none: ())."""
+    out = []
+    for f in figures if isinstance(figures, list) else ():
+        try:
+            out.append(EngineView(
+                id=str(f["id"]), region=key, free_tokens=float(f["free_tokens"]),
+                capacity_tokens=float(f["capacity_tokens"]), kv_usage=float(f["kv_usage"]),
+                running=int(f["running"]), waiting=int(f["waiting"]),
+                sampled_at=received - float(f.get("age_s") or 0.0),
+                pending_tokens=float(f["pending_tokens"]),
+                pending_prefill_tokens=float(f["pending_prefill_tokens"]),
+                recent_itl_s=f.get("recent_itl_s"), recent_prompt_tokens=f.get("recent_prompt_tokens"),
+                recent_itl_tokens=f.get("recent_itl_tokens"),
+                profile=_profile(tuple(f["shape"])) if f.get("shape") else None,
+            ))  # fmt: skip
+        except (KeyError, TypeError, ValueError):
+            continue  # a malformed figure: that engine is not predicted, the rest are
+    return tuple(out)
+
+
 class Router:
     def __init__(
         self,
@@ -99,7 +148,10 @@ class Router:
         self.limits = limits or ServerLimits()
         s = config.settings
         self.clock = clock
-        self.policy_config = PolicyConfig.from_settings(s, config.slo_tpot_ms / 1000.0)
+        self.policy_config = PolicyConfig.from_settings(s, config.slo_tpot_ms / 1000.0, config.slo_ttft_ms / 1000.0)
+        self.profile = _profile(config.region.shape)  # this region's engines' step times (predict.py)
+        self.peer_rtt: dict[str, float] = {}  # peer region -> measured summary round trip (regions.py)
+        self._peer_engine_views: dict[str, tuple[float, tuple]] = {}
         self.policy = policy or make_policy(s.policy, self.policy_config)
         self.breakers = BreakerBoard(
             engine_threshold=s.breaker_failures,
@@ -165,6 +217,7 @@ class Router:
             b = breakers.get(url)
             breaker = BreakerState.closed if b is None else b.state(now)
             waiting_for = pending(url)
+            prefill_for = self.ledger.pending_prefill(url)
             in_flight = outstanding.get(url, 0)
             if shared:
                 waiting_for += shared.get(url, 0.0)
@@ -178,6 +231,7 @@ class Router:
                     and view.healthy == st.healthy
                     and view.breaker is breaker
                     and view.pending_tokens == waiting_for
+                    and view.pending_prefill_tokens == prefill_for
                     and view.outstanding == in_flight
                     and view.drained == drained
                 ):
@@ -201,6 +255,10 @@ class Router:
                 waiting_tokens=0.0,
                 recent_itl_s=st.recent_itl_s,
                 outstanding=in_flight,
+                profile=self.profile,
+                pending_prefill_tokens=prefill_for,
+                recent_prompt_tokens=st.recent_prompt_tokens,
+                recent_itl_tokens=st.recent_itl_tokens,
             )
             cache[url] = (view, s)
             out.append(view)
@@ -242,9 +300,21 @@ class Router:
                     healthy_engines=int(data.get("healthy_engines", 0)),
                     queue=int(data.get("queue", 0)),
                     summarized_at=None if age is None else received - float(age),
+                    # for the predicting policy: the peer's engine figures, the measured round trip,
+                    # and what this router has in flight there
+                    engines=self._peer_engines(key, data, received),
+                    rtt_s=self.peer_rtt.get(key, 0.0),
+                    forwarded=self.ledger.in_flight(key),
                 )
             out.append(base)
         return out
+
+    def _peer_engines(self, key: str, data: dict, received: float) -> tuple:
+        """A peer summary's engine figures as EngineViews, built once per summary."""
+        hit = self._peer_engine_views.get(key)
+        if hit is None or hit[0] != received:
+            hit = self._peer_engine_views[key] = (received, _peer_engines(key, data.get("engine_figures"), received))
+        return hit[1]
 
     def headroom_of(self, view: EngineView, now: float) -> float:
         return headroom(view, now, self.policy_config)
@@ -283,6 +353,9 @@ class Router:
             "replica": self.replica_id,
             "reservations": {url: self.ledger.pending(url) for url in self.outstanding},
             "in_flight": dict(self.outstanding),
+            # the predicting policy's inputs for the engines that would take a forwarded request first
+            # (least queued prefill, then most room): peers predict TTFT/TPOT here from them
+            "engine_figures": engine_figures(views, self.config.region.shape, now),
         }
 
     def region_summaries(self, now: float) -> list[dict[str, Any]]:
@@ -594,7 +667,8 @@ class Router:
     def note_sent(self, cand: Candidate, job: Job, key: object) -> None:
         # The whole demand counts against the target until the answer shows up in its KV cache.
         now = self.clock()
-        self.ledger.routed(cand.target, key, job.routed.need_tokens, now)
+        self.ledger.routed(cand.target, key, job.routed.need_tokens, now,
+                           prefill_tokens=job.routed.prompt_tokens or 0)  # fmt: skip
         if cand.engine is not None:
             self.outstanding[cand.engine] = self.outstanding.get(cand.engine, 0) + 1
         else:

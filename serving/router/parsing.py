@@ -21,6 +21,7 @@ from aiohttp import web
 from gpufleet.serving.router.config import RouterConfig
 from gpufleet.serving.router.errors import HttpError
 from gpufleet.serving.router.policy import RoutedRequest, estimate_prompt_tokens
+from gpufleet.serving.router.prefix import TEXT_BLOCK_CHARS, text_chain
 
 HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
 ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
@@ -218,6 +219,24 @@ def check_fields(kind: str, p: dict[str, Any]) -> tuple[int, int]:
     return (_chat_chars(p), 0) if kind == "chat" else _prompt_size(p)
 
 
+def prompt_text(kind: str, p: dict[str, Any], limit: int = 1 << 20) -> str:
+    """The prompt's text in order (chat: every message's text content; completions: a string prompt
+    or the first of a list), up to `limit` characters: what the prefix chain hashes."""
+    if kind == "chat":
+        parts = []
+        for m in p.get("messages") or ():
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts += [c["text"] for c in content if isinstance(c, dict) and isinstance(c.get("text"), str)]
+        return "\n".join(parts)[:limit]
+    prompt = p.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return prompt[:limit] if isinstance(prompt, str) else ""
+
+
 def _chat_chars(p: dict[str, Any]) -> int:
     messages = p.get("messages")
     if type(messages) is not list or not messages:
@@ -331,6 +350,11 @@ def parse_job(
         residency=residency,
         affinity_key=str(hash(body[:256])),
         allow_remote=hop is None,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        # longest-prefix affinity: chained hashes of the prompt's ~512-token text blocks
+        prefix=text_chain(prompt_text(kind, payload)),
+        prefix_block_tokens=TEXT_BLOCK_CHARS // 4,
     )
     stream = payload.get("stream") is True
     return Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -47,6 +47,14 @@ class EngineView:
     outstanding: int = 0  # requests this router has in flight here
     waiting_tokens: float | None = None  # demand of the waiting queue; None: estimate from `waiting`
     recent_itl_s: float | None = None  # mean inter-token latency since the previous sample (`recent_pace`)
+    # For the predicting policy (serving/router/predict.py):
+    profile: object | None = None  # predict.EngineProfile: model, GPU type, TP, step times; None: unknown
+    rtt_s: float = 0.0  # round trip from the request's client region to this engine (global reach)
+    pending_prefill_tokens: float = 0.0  # prompt tokens sent here and not yet prefilled (ledger)
+    # between the last two samples: prompt tokens prefilled (vllm:prompt_tokens_total delta) and
+    # output tokens counted by the inter-token-latency histogram (its _count delta); None: unknown
+    recent_prompt_tokens: float | None = None
+    recent_itl_tokens: float | None = None
 
     def age(self, now: float) -> float:
         return float("inf") if self.sampled_at is None else max(0.0, now - self.sampled_at)
@@ -73,6 +81,11 @@ class RegionView:
     healthy_engines: int = 0
     queue: int = 0
     summarized_at: float | None = None
+    rtt_s: float = 0.0  # round trip from the request's client region to this region
+    # the peer's engines as its summary describes them (EngineView with profile, running, KV, queued
+    # prefill, speed correction), so that this router can predict a forwarded request's outcome there
+    engines: tuple[EngineView, ...] = ()
+    forwarded: int = 0  # requests this router has in flight there (its summary may not show them yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +96,12 @@ class RoutedRequest:
     affinity_key: str | None = None  # e.g. a hash of the prompt's first block; breaks ties
     allow_remote: bool = True  # False for a request already forwarded once (hop header)
     exclude: frozenset[str] = frozenset()  # engine ids / region keys that already failed this request
+    prompt_tokens: int | None = None  # None: need_tokens - max_tokens (or need_tokens) stands in
+    max_tokens: int | None = None
+    # chained hashes of the prompt's blocks (prefix.block_chain): longest-prefix affinity
+    prefix: tuple[int, ...] = ()
+    prefix_block_tokens: int = 512  # prompt tokens per element of `prefix`
+    key: object | None = None  # the caller's id for the request (decision logs); never read to decide
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,15 +122,20 @@ class PolicyConfig:
     peer_stale_after_s: float = 6.0
     # An engine decoding slower than this (recent inter-token latency) is saturated; None: ignore pace.
     itl_limit_s: float | None = None
+    ttft_slo_s: float = 2.0  # the SLO the predicting policy aims at
+    tpot_slo_s: float = 0.1
+    seed: int = 0  # randomised baselines (power-of-two)
 
     @classmethod
-    def from_settings(cls, settings, tpot_slo_s: float) -> PolicyConfig:
-        """From the fleet's router settings (stacks.spec.RouterSettings) and its TPOT target, as the
-        router and the simulator both build it."""
+    def from_settings(cls, settings, tpot_slo_s: float, ttft_slo_s: float = 2.0) -> PolicyConfig:
+        """From the fleet's router settings (stacks.spec.RouterSettings) and its SLO, as the router and
+        the simulator both build it."""
         return cls(
             stale_after_s=settings.stale_after_s,
             peer_stale_after_s=2 * settings.stale_after_s,
             itl_limit_s=settings.pace_fraction * tpot_slo_s,
+            ttft_slo_s=ttft_slo_s,
+            tpot_slo_s=tpot_slo_s,
         )
 
 
@@ -242,156 +266,29 @@ def _fresh_peers(
     ]
 
 
-# ---- the policies ------------------------------------------------------------------------------------
+def load_order(e: EngineView) -> tuple[int, float]:
+    """Requests in flight from this router plus the engine's reported queue: the baselines' load."""
+    return (e.outstanding + e.waiting, e.pending_tokens)
 
 
-@dataclass
-class HeadroomPolicy:
-    """The project's policy: fit by single-engine headroom, prefer local, cheaper tier, most headroom."""
-
-    config: PolicyConfig = field(default_factory=PolicyConfig)
-    name: str = "headroom"
-
-    def choose(
-        self,
-        request: RoutedRequest,
-        engines: Sequence[EngineView],
-        regions: Sequence[RegionView],
-        now: float,
-    ) -> list[Candidate]:
-        # One pass over the engines, through the same `engine_usable` and `headroom` as everything else.
-        allowed = _allowed_regions(request, regions)
-        need = request.need_tokens
-        config = self.config
-        closed_regions = {k for k, r in allowed.items() if r.remote and not request.allow_remote}
-        by_region: dict[str, list[tuple[float, str]]] = {}
-        queued: dict[str, list[tuple[float, str]]] = {}  # fits, but saturated (queue or slow pace)
-        totals: dict[str, float] = {}
-        for e in engines:
-            key = e.region
-            if key not in allowed or key in closed_regions or not engine_usable(e, request):
-                continue
-            room = headroom(e, now, config)
-            totals[key] = totals.get(key, 0.0) + room
-            if room >= need:
-                # A saturated engine (a waiting queue, or decoding slower than the pace limit) cannot
-                # use what its free KV would hold: it fits only as a last resort, after every engine
-                # and peer region with room to take the request now.
-                group = queued if saturated(e.waiting, e.recent_itl_s, config) else by_region
-                fits = group.get(key)
-                if fits is None:
-                    group[key] = [(room, e.id)]
-                else:
-                    fits.append((room, e.id))
-        ranked: list[tuple[tuple, list[Candidate]]] = []
-        for last, groups in ((False, by_region), (True, queued)):
-            for key, fits in groups.items():
-                region = allowed[key]
-                order = (last, not region.local, TIER_RANK.get(region.tier, 9), -totals[key], key)
-                ranked.append((order, [Candidate(key, eid, room) for room, eid in _by_room(fits, request)]))
-        peers = _peer_candidates(request, allowed, set(totals), now, config)
-        for region, free in peers:
-            order = (False, not region.local, TIER_RANK.get(region.tier, 9), -free, region.key)
-            ranked.append((order, [Candidate(region.key, None, region.largest_free_tokens)]))
-        if request.allow_remote:
-            # A peer whose engines are all saturated still serves as a last resort (its router ranks
-            # its own saturated engines last, never refuses for it), e.g. to continue a stream when
-            # this region's engines died: like a saturated local engine, after everything else.
-            taken = set(totals) | {r.key for r, _ in peers}
-            for region in _fresh_peers(allowed, taken, now, config):
-                if region.largest_fit_tokens >= need:
-                    order = (True, not region.local, TIER_RANK.get(region.tier, 9), -region.largest_fit_tokens,
-                             region.key)  # fmt: skip
-                    ranked.append((order, [Candidate(region.key, None, region.largest_fit_tokens)]))
-        ranked.sort(key=lambda t: t[0])
-        return [c for _, group in ranked for c in group]
-
-
-def _by_room(fits: list[tuple[float, str]], request: RoutedRequest) -> list[tuple[float, str]]:
-    """Most headroom first; equal headroom by the prefix-affinity tie-break (`_tie`), which is
-    computed only for the engines that are tied."""
-    fits.sort(key=lambda t: -t[0])  # stable: ties stay in engine order
-    if request.affinity_key is None or len(fits) < 2:
-        return fits
-    out: list[tuple[float, str]] = []
-    i, n = 0, len(fits)
-    while i < n:
-        j = i + 1
-        while j < n and fits[j][0] == fits[i][0]:
-            j += 1
-        if j - i > 1:
-            out.extend(sorted(fits[i:j], key=lambda t: _tie(request.affinity_key, t[1])))
-        else:
-            out.append(fits[i])
-        i = j
+def ranked_engines(
+    request: RoutedRequest, usable: list[EngineView], key, allowed: dict[str, RegionView], now: float,
+    config: PolicyConfig,
+) -> list[Candidate]:  # fmt: skip
+    """Candidates in `key` order (smaller first), then peer regions where the request fits: the
+    shape every baseline shares."""
+    usable.sort(key=key)
+    out = [Candidate(e.region, e.id, headroom(e, now, config)) for e in usable]
+    seen = {e.region for e in usable}
+    peers = _peer_candidates(request, allowed, seen, now, config)
+    out += [Candidate(r.key, None, r.largest_free_tokens) for r, _ in peers]
     return out
 
 
-@dataclass
-class RoundRobinPolicy:
-    """Baseline: every usable engine in turn, ignoring headroom (local region first, then peers)."""
-
-    config: PolicyConfig = field(default_factory=PolicyConfig)
-    name: str = "round-robin"
-    _turn: int = 0
-
-    def choose(
-        self,
-        request: RoutedRequest,
-        engines: Sequence[EngineView],
-        regions: Sequence[RegionView],
-        now: float,
-    ) -> list[Candidate]:
-        allowed = _allowed_regions(request, regions)
-        usable = _usable_engines(request, engines, allowed)
-        out: list[Candidate] = []
-        if usable:
-            start = self._turn % len(usable)
-            self._turn += 1
-            rotated = usable[start:] + usable[:start]
-            out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in rotated]
-        seen = {e.region for e in usable}
-        out += [
-            Candidate(r.key, None, r.largest_free_tokens)
-            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
-        ]
-        return out
-
-
-@dataclass
-class LeastOutstandingPolicy:
-    """Baseline: the engine with the fewest requests in flight (ours, plus its reported queue)."""
-
-    config: PolicyConfig = field(default_factory=PolicyConfig)
-    name: str = "least-outstanding"
-
-    def choose(
-        self,
-        request: RoutedRequest,
-        engines: Sequence[EngineView],
-        regions: Sequence[RegionView],
-        now: float,
-    ) -> list[Candidate]:
-        allowed = _allowed_regions(request, regions)
-        usable = _usable_engines(request, engines, allowed)
-        usable.sort(key=lambda e: (e.outstanding + e.waiting, not allowed[e.region].local, e.id))
-        out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in usable]
-        seen = {e.region for e in usable}
-        out += [
-            Candidate(r.key, None, r.largest_free_tokens)
-            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
-        ]
-        return out
-
-
-POLICIES = {
-    "headroom": HeadroomPolicy,
-    "round-robin": RoundRobinPolicy,
-    "least-outstanding": LeastOutstandingPolicy,
-}
-
-
 def make_policy(name: str, config: PolicyConfig | None = None) -> Policy:
+    """The policy registered under `name` (policies/__init__.py: POLICIES)."""
+    from gpufleet.serving.router.policies import POLICIES
+
     try:
         cls = POLICIES[name]
     except KeyError:
@@ -416,7 +313,7 @@ class OptimisticLedger:
     summary), `covered(target, t)` stops counting entries routed before t. Pure: time is passed in.
     """
 
-    __slots__ = ("_by_target", "_where", "_covered", "_sums")
+    __slots__ = ("_by_target", "_where", "_covered", "_sums", "_prefill")
 
     def __init__(self) -> None:
         # target -> request key -> [routed_at, need, materialized]
@@ -426,26 +323,39 @@ class OptimisticLedger:
         # target -> sum of max(0, need - materialized) over its entries, kept up to date so that
         # `pending` (asked per engine per request) does not walk every request in flight.
         self._sums: dict[str, float] = {}
+        # target -> prompt tokens of its entries that have no token yet: the prefill queued there
+        # (what the predicting policy reads as queued prefill; vLLM's /metrics has only a count)
+        self._prefill: dict[str, float] = {}
 
     def _add(self, target: str, amount: float) -> None:
         self._sums[target] = self._sums.get(target, 0.0) + amount
 
-    def routed(self, target: str, key: object, need_tokens: float, now: float) -> None:
+    def routed(self, target: str, key: object, need_tokens: float, now: float, prefill_tokens: float = 0.0) -> None:
         entries = self._by_target.setdefault(target, {})
         old = entries.get(key)
         if old is not None:
             self._add(target, -max(0.0, old[1] - old[2]))
-        entries[key] = [now, need_tokens, 0.0]
+            self._unprefill(target, old)
+        entries[key] = [now, need_tokens, 0.0, prefill_tokens]
         self._add(target, max(0.0, need_tokens))
+        if prefill_tokens:
+            self._prefill[target] = self._prefill.get(target, 0.0) + prefill_tokens
         self._where[key] = target
+
+    def _unprefill(self, target: str, entry: list[float]) -> None:
+        if entry[3]:
+            left = self._prefill.get(target, 0.0) - entry[3]
+            self._prefill[target] = left if left > 1e-6 else 0.0
+            entry[3] = 0.0
 
     def progress(self, key: object, materialized_tokens: float) -> None:
         """The request now holds this many of its tokens in the target's KV cache."""
         target = self._where.get(key)
         if target is not None:
             entry = self._by_target[target][key]
-            _, need, held = entry
+            need, held = entry[1], entry[2]
             entry[2] = materialized_tokens
+            self._unprefill(target, entry)
             self._add(target, max(0.0, need - materialized_tokens) - max(0.0, need - held))
 
     def done(self, key: object) -> None:
@@ -453,9 +363,12 @@ class OptimisticLedger:
         if target is not None:
             entries = self._by_target[target]
             entry = entries.pop(key, None)
+            if entry is not None:
+                self._unprefill(target, entry)
             if not entries:
                 del self._by_target[target]
                 self._sums.pop(target, None)  # exactly 0 again, whatever rounding crept in
+                self._prefill.pop(target, None)
             elif entry is not None:
                 self._add(target, -max(0.0, entry[1] - entry[2]))
 
@@ -469,7 +382,11 @@ class OptimisticLedger:
         if target not in self._covered:
             return max(0.0, self._sums.get(target, 0.0))
         since = self._covered[target]
-        return sum(max(0.0, need - held) for t, need, held in entries.values() if t > since)
+        return sum(max(0.0, e[1] - e[2]) for e in entries.values() if e[0] > since)
+
+    def pending_prefill(self, target: str) -> float:
+        """Prompt tokens routed to `target` whose first token has not come yet."""
+        return self._prefill.get(target, 0.0)
 
     def in_flight(self, target: str) -> int:
         return len(self._by_target.get(target, ()))
@@ -478,3 +395,19 @@ class OptimisticLedger:
 def estimate_prompt_tokens(text_chars: int) -> int:
     """Without the model's tokenizer: about 4 characters per token for English text and code."""
     return max(1, (text_chars + 3) // 4)
+
+
+# The policies live one per module in policies/; these names are imported from here by the router.
+from gpufleet.serving.router.policies.headroom import HeadroomPolicy as HeadroomPolicy  # noqa: E402
+from gpufleet.serving.router.policies.least_outstanding import (  # noqa: E402
+    LeastOutstandingPolicy as LeastOutstandingPolicy,
+)
+from gpufleet.serving.router.policies.round_robin import RoundRobinPolicy as RoundRobinPolicy  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name == "POLICIES":  # the registry imports every policy module: read it lazily
+        from gpufleet.serving.router.policies import POLICIES
+
+        return POLICIES
+    raise AttributeError(name)

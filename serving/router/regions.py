@@ -42,6 +42,7 @@ class PeerReader:
         self.timeout_s = timeout_s
 
     async def _read(self, session: aiohttp.ClientSession, key: str, url: str) -> None:
+        started = time.monotonic()
         try:
             async with session.get(url + SUMMARY_PATH) as resp:
                 if resp.status != 200:
@@ -51,6 +52,10 @@ class PeerReader:
                 raise ValueError("summary is not this peer's")
             now = self.router.clock()
             self.router.peer_summaries[key] = (now, data)
+            # the round trip a forwarded request pays (the predictor adds it to a peer's TTFT), smoothed
+            rtt = time.monotonic() - started
+            old = self.router.peer_rtt.get(key)
+            self.router.peer_rtt[key] = rtt if old is None else old + 0.3 * (rtt - old)
             # The summary covers what we forwarded before its data was taken.
             age = data.get("data_age_s")
             self.router.ledger.covered(key, now - (float(age) if isinstance(age, int | float) else 0.0))

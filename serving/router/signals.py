@@ -31,9 +31,11 @@ CACHE_CONFIG = "vllm:cache_config_info"
 # The inter-token latency histogram's _sum and _count: the engine's recent decode pace.
 ITL_SUM = ("vllm:inter_token_latency_seconds_sum", "vllm:time_per_output_token_seconds_sum")
 ITL_COUNT = ("vllm:inter_token_latency_seconds_count", "vllm:time_per_output_token_seconds_count")
+PROMPT_TOKENS = ("vllm:prompt_tokens_total",)  # counter: prompt tokens prefilled
 
 _WANTED = frozenset(
-    (*KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, *ITL_SUM, *ITL_COUNT, RUNNING, WAITING, PREEMPTIONS, CACHE_CONFIG)
+    (*KV_USAGE, *PREFIX_QUERIES, *PREFIX_HITS, *ITL_SUM, *ITL_COUNT, *PROMPT_TOKENS, RUNNING, WAITING, PREEMPTIONS,
+     CACHE_CONFIG)
 )
 MAX_METRICS_BYTES = 4 * 1024 * 1024
 
@@ -60,6 +62,7 @@ class Sample:
     taken_at: float  # monotonic seconds
     itl_seconds_total: float = 0.0  # inter-token latency histogram _sum (engine seconds)
     itl_tokens_total: float = 0.0  # and its _count (tokens)
+    prompt_tokens_total: float = 0.0  # vllm:prompt_tokens_total
 
     @property
     def capacity_tokens(self) -> int:
@@ -158,7 +161,7 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
     free = used = 0.0
     blocks = 0
     block_size = 0
-    totals = dict.fromkeys(("running", "waiting", "pre", "pq", "ph", "itl_s", "itl_n"), 0.0)
+    totals = dict.fromkeys(("running", "waiting", "pre", "pq", "ph", "itl_s", "itl_n", "pt"), 0.0)
     for core, (n_blocks, bsize) in config.items():
         series = cores.get(core, {})
         usage = _first(series, KV_USAGE)
@@ -177,6 +180,7 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
         totals["ph"] += _first(series, PREFIX_HITS) or 0.0
         totals["itl_s"] += _first(series, ITL_SUM) or 0.0
         totals["itl_n"] += _first(series, ITL_COUNT) or 0.0
+        totals["pt"] += _first(series, PROMPT_TOKENS) or 0.0
     capacity = free + used
     return Sample(
         kv_usage=used / capacity if capacity else 1.0,
@@ -192,6 +196,7 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
         taken_at=taken_at,
         itl_seconds_total=totals["itl_s"],
         itl_tokens_total=totals["itl_n"],
+        prompt_tokens_total=totals["pt"],
     )
 
 
@@ -215,6 +220,9 @@ class EngineState:
     scrape_seconds: float = 0.0  # wall time of the last scrape (fetch + parse)
     failures: int = 0
     recent_itl_s: float | None = None  # decode pace between the last two samples (policy.recent_pace)
+    # prompt tokens prefilled and output tokens timed between the last two samples (None: unknown)
+    recent_prompt_tokens: float | None = None
+    recent_itl_tokens: float | None = None
 
     def record(self, sample: Sample) -> None:
         prev = self.sample
@@ -227,6 +235,12 @@ class EngineState:
                 prev.itl_seconds_total, prev.itl_tokens_total, sample.itl_seconds_total,
                 sample.itl_tokens_total, sample.running, self.recent_itl_s,
             )  # fmt: skip
+        )
+        fresh = prev is not None and sample.prompt_tokens_total >= prev.prompt_tokens_total
+        self.recent_prompt_tokens = sample.prompt_tokens_total - prev.prompt_tokens_total if fresh else None
+        self.recent_itl_tokens = (
+            sample.itl_tokens_total - prev.itl_tokens_total
+            if fresh and sample.itl_tokens_total >= prev.itl_tokens_total else None
         )
 
     def fail(self, error: str) -> None:

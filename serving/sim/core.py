@@ -27,7 +27,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpufleet.serving.engine.model import Engine, EngineConfig, Request, resolve
 from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop
@@ -43,7 +43,12 @@ from gpufleet.serving.router.policy import (
     recent_pace,
     saturated,
 )
+from gpufleet.serving.router.predict import from_resolved
+from gpufleet.serving.router.prefix import chain
 from gpufleet.serving.sim import network
+
+REACHES = ("regional", "global")
+PEER_SUMMARY_ENGINES = 4  # engines a region summary describes to peers (the least queued)
 
 MAX_WINDOW_STEPS = 4096
 MOONCAKE_BLOCK_TOKENS = 512  # a Mooncake hash_id names 512 prompt tokens
@@ -90,6 +95,11 @@ class SimConfig:
     seed: int = 0
     num_gpu_blocks: int | None = None  # override the catalog sizing (small test engines)
     regions: Sequence[str] | None = None  # simulate only these regions of the fleet (None: all)
+    # regional: one router per region over its own engines, peers by summary (as deployed);
+    # global: one router over every engine, a request served outside its client's region paying the
+    # round trip between the two (the baselines' best case)
+    reach: str = "regional"
+    ttft_slo_s: float | None = None  # override the fleet's SLO (Mooncake's long prompts: 10 s)
 
 
 # ---- per-request state -----------------------------------------------------------------------------
@@ -111,6 +121,7 @@ class _Job:
     done: bool = False
     live: Request | None = None  # the engine request now serving this job
     forwarded_by: str | None = None  # the router that forwarded it to a peer (its ledger counts it)
+    prefix: tuple[int, ...] = ()  # chained hashes of its 512-token prompt blocks (prefix affinity)
 
 
 class _CountingEngine(Engine):
@@ -124,7 +135,8 @@ class _CountingEngine(Engine):
 
 
 class _SimEngine:
-    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "itl")
+    __slots__ = ("id", "region", "v", "alive", "stats", "sampled_at", "stamp", "itl", "profile", "cloud",
+                 "prompt_delta", "itl_delta")  # fmt: skip
 
     def __init__(self, eid: str, region: str, v: VirtualEngine) -> None:
         self.id = eid
@@ -135,6 +147,10 @@ class _SimEngine:
         self.sampled_at: float | None = None
         self.stamp: tuple[int, int] | None = None  # engine state the cached stats were read at
         self.itl: float | None = None  # decode pace between the last two samples (policy.recent_pace)
+        self.profile = from_resolved(v.engine.cfg)  # GPU type, TP and step times, for the predictor
+        self.cloud = ""  # the cloud region it runs in (network latency)
+        self.prompt_delta: float | None = None  # prompt / ITL tokens between the last two samples
+        self.itl_delta: float | None = None
 
     @property
     def engine(self) -> _CountingEngine:
@@ -156,6 +172,7 @@ class _Router:
         self.down: set[str] = set()  # engines this router saw fail since their last good scrape
         self.queue: deque[_Job] = deque()
         self.summary: dict | None = None
+        self.peer_engines: tuple = ()  # the EngineViews its summary describes (predictive policy)
         self.summary_at: float | None = None
         self.routed = 0
         self.spills = 0
@@ -213,9 +230,11 @@ class Simulator:
         self.queue_wait_s = s.queue_wait_s
         self.queue_max = s.queue_max
         self.retry_budget = s.retry_budget
-        self.ttft_slo = fleet.slo.ttft_ms / 1000.0
+        self.ttft_slo = self.cfg.ttft_slo_s or fleet.slo.ttft_ms / 1000.0
         self.tpot_slo = fleet.slo.tpot_ms / 1000.0
-        self.policy_cfg = PolicyConfig.from_settings(s, self.tpot_slo)
+        self.policy_cfg = replace(PolicyConfig.from_settings(s, self.tpot_slo, self.ttft_slo), seed=self.cfg.seed)
+        if self.cfg.reach not in REACHES:
+            raise SimError(f"reach {self.cfg.reach!r}: one of {', '.join(REACHES)}")
         keys = {r.key for r in fleet.regions}
         unknown = [k for k in (self.cfg.regions or ()) if k not in keys]
         if unknown:
@@ -291,6 +310,17 @@ class Simulator:
             )
             self.routers[r.key] = _Router(r.key, view, r.region, engines, self.cfg.policy, self.policy_cfg)
         self.cloud_region = {r.key: r.region for r in fleet.regions if r.key in self.region_keys}
+        for e in self.engines:
+            e.cloud = self.cloud_region[e.region]
+        self.global_reach = self.cfg.reach == "global"
+        if self.global_reach:
+            # ONE router over every engine: one policy (its turn, its prefix index), one ledger and one
+            # count of requests in flight; each region's entry point shares them.
+            first = next(iter(self.routers.values()))
+            by_id = {e.id: e for e in self.engines}
+            for router in self.routers.values():
+                router.policy, router.ledger, router.outstanding = first.policy, first.ledger, first.outstanding
+                router.by_id = by_id
         self.max_model_len = min(e.engine.cfg.max_model_len for e in self.engines)
         self._by_id = {e.id: e for e in self.engines}
 
@@ -332,8 +362,6 @@ class Simulator:
         return self._result(duration, now, wall)
 
     def _clients(self, items: Sequence[WorkItem]) -> list[WorkItem]:
-        from dataclasses import replace
-
         keys = list(self.routers)
         if self.cfg.clients == "capacity":
             weights = [float(self.capacity[k]) for k in keys]
@@ -379,6 +407,7 @@ class Simulator:
         job = _Job(item=item, rec=rec, router=item.client_region, need=prompt + out, hashes=None)
         if item.hash_ids:
             job.hashes = _block_hashes(item.hash_ids, prompt, self.engines[0].engine.block_size)
+            job.prefix = chain(item.hash_ids[: prompt // MOONCAKE_BLOCK_TOKENS])
         self.jobs.append(job)
         self._open_jobs += 1
         self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
@@ -386,13 +415,15 @@ class Simulator:
     def _views(self, router: _Router, now: float) -> list[EngineView]:
         out = []
         pending = router.ledger.pending
-        for e in router.engines:
+        prefill = router.ledger.pending_prefill
+        here = router.cloud_region
+        for e in self.engines if self.global_reach else router.engines:
             s = e.stats
             healthy = e.sampled_at is not None and e.id not in router.down and s is not None
             out.append(
                 EngineView(
                     id=e.id,
-                    region=router.key,
+                    region=e.region,
                     free_tokens=s.free_tokens if s else 0.0,
                     capacity_tokens=float(s.num_gpu_blocks * s.block_size) if s else 0.0,
                     kv_usage=s.kv_cache_usage if s else 1.0,
@@ -404,14 +435,17 @@ class Simulator:
                     recent_itl_s=e.itl,
                     pending_tokens=pending(e.id),
                     outstanding=router.outstanding.get(e.id, 0),
+                    profile=e.profile,
+                    rtt_s=2 * network.one_way_s(here, e.cloud),
+                    pending_prefill_tokens=prefill(e.id),
+                    recent_prompt_tokens=e.prompt_delta,
+                    recent_itl_tokens=e.itl_delta,
                 )
             )
         return out
 
     def _region_views(self, router: _Router) -> list[RegionView]:
         """The peers' summaries as this router last read them (rebuilt once per scrape round)."""
-        from dataclasses import replace
-
         cached = self._rv_cache.get(router.key)
         if cached is not None:
             return cached
@@ -420,12 +454,16 @@ class Simulator:
             if key == router.key:
                 out.append(replace(other.region, local=True))
                 continue
+            if self.global_reach:
+                out.append(other.region)  # its engines are this router's own
+                continue
             s = other.summary
             if s is None:
                 out.append(replace(other.region, remote=True))
                 continue
             # What this router forwarded since the summary is not in it yet (as the gateway does).
             free = s["free"] - router.ledger.pending(key)
+            rtt = 2 * network.one_way_s(router.cloud_region, other.cloud_region)
             out.append(
                 replace(
                     other.region,
@@ -436,6 +474,11 @@ class Simulator:
                     healthy_engines=s["healthy"],
                     queue=len(other.queue),
                     summarized_at=other.summary_at,
+                    rtt_s=rtt,
+                    engines=other.peer_engines,  # the policy adds rtt_s
+                    # what this router forwarded there and the summary may not show yet (so a burst
+                    # does not herd onto one stale summary)
+                    forwarded=router.ledger.in_flight(key),
                 )
             )
         self._rv_cache[router.key] = out
@@ -459,6 +502,11 @@ class Simulator:
             affinity_key=str(job.item.hash_ids[0]) if job.item.hash_ids else None,
             allow_remote=allow_remote,
             exclude=frozenset(job.excluded),
+            prompt_tokens=job.rec.prompt_tokens + job.sent_tokens,
+            max_tokens=job.rec.max_tokens - job.sent_tokens,
+            prefix=job.prefix,
+            prefix_block_tokens=MOONCAKE_BLOCK_TOKENS,
+            key=job.item.id,
         )
         cands = router.policy.choose(routed, self._views(router, now), self._region_views(router), now)
         while cands and job.attempts <= self.retry_budget:
@@ -480,10 +528,10 @@ class Simulator:
                 router.down.add(eng.id)
                 job.excluded.add(eng.id)
                 continue
-            router.ledger.routed(eng.id, job, job.need, now)
+            router.ledger.routed(eng.id, job, job.need, now, prefill_tokens=routed.prompt_tokens)
             router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
             router.routed += 1
-            lat = network.INTRA_REGION_MS / 1000.0
+            lat = network.one_way_s(router.cloud_region, eng.cloud)
             self.loop.schedule(
                 now + lat, self._on_engine_in, job, ("engine", eng.id, hop_s + lat, router.key)
             )
@@ -629,6 +677,7 @@ class Simulator:
             ledger = router.ledger
             free = largest = fit_largest = 0.0
             healthy = 0
+            brief = []  # (queued prefill, -room, engine, pending) for the summary's engine figures
             for e in router.engines:
                 if not e.alive:
                     e.stats = None
@@ -646,6 +695,9 @@ class Simulator:
                         prev.itl_seconds_total, prev.itl_tokens_total, st.itl_seconds_total,
                         st.itl_tokens_total, st.num_running, e.itl,
                     )  # fmt: skip
+                    if prev is not None:
+                        e.prompt_delta = float(st.prompt_tokens - prev.prompt_tokens)
+                        e.itl_delta = float(st.itl_tokens_total - prev.itl_tokens_total)
                 elif not e.engine.running:
                     e.itl = None  # idle since the last sample
                 st = e.stats
@@ -658,13 +710,15 @@ class Simulator:
                     # what the streams through this router have materialized (the gateway counts
                     # prompt + tokens relayed, per chunk; here once per scrape round)
                     for req in eng.requests.values():
-                        if req.num_output_tokens and req.user_data[1] == router.key:
+                        if req.num_output_tokens and self.routers[req.user_data[1]].ledger is ledger:
                             ledger.progress(req.user_data[0], req.prompt_len + req.num_output_tokens)
                 pending = ledger.pending(e.id)
                 room = spare - pending
                 fit = e.stats.free_tokens - pending
                 if fit > fit_largest:
                     fit_largest = fit
+                if not self.global_reach:
+                    brief.append((ledger.pending_prefill(e.id) + st.num_waiting, -fit, e.id, e, pending))
                 if room > 0:
                     free += room
                     if room > largest:
@@ -672,6 +726,18 @@ class Simulator:
             if router.down:
                 router.down = {eid for eid in router.down if not router.by_id[eid].alive}
             router.summary = {"free": free, "largest": largest, "fit": fit_largest, "healthy": healthy}
+            brief.sort(key=lambda t: t[:3])
+            router.peer_engines = tuple(
+                EngineView(
+                    id=e.id, region=e.region, free_tokens=e.stats.free_tokens,
+                    capacity_tokens=float(e.stats.num_gpu_blocks * e.stats.block_size),
+                    kv_usage=e.stats.kv_cache_usage, running=e.stats.num_running, waiting=e.stats.num_waiting,
+                    sampled_at=now, recent_itl_s=e.itl, pending_tokens=pending, profile=e.profile,
+                    recent_prompt_tokens=e.prompt_delta, recent_itl_tokens=e.itl_delta,
+                    pending_prefill_tokens=ledger.pending_prefill(e.id),
+                )  # fmt: skip
+                for _, _, _, e, pending in brief[:PEER_SUMMARY_ENGINES]
+            )
             router.summary_at = now
         for router in self.routers.values():
             for key in self.routers:

@@ -1,6 +1,6 @@
 """Simulator speed: one hour of the Azure conversation trace through the 20-region, 500-engine fleet.
 
-    .venv/bin/python tests/bench/bench_sim.py [--policy headroom] [--load-scale 1]
+    .venv/bin/python tests/bench/bench_sim.py [--policy default] [--reach regional] [--load-scale 1]
 
 Prints simulated seconds per wall second (target: one hour in under a minute on one core, i.e. at
 least 60x). Reads ../shared/traces and says so when it is absent.
@@ -20,7 +20,8 @@ FLEET = ROOT / "tests" / "bench" / "fleet_20_regions.yaml"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default="headroom")
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--reach", default="regional", choices=("regional", "global"))
     ap.add_argument("--load-scale", type=float, default=1.0)
     args = ap.parse_args()
     if not TRACE.is_file():
@@ -33,7 +34,7 @@ def main() -> int:
     fleet = load_fleet(FLEET)
     items = loadgen.from_trace(TRACE, load_scale=args.load_scale)
     t0 = time.perf_counter()
-    sim = Simulator(fleet, SimConfig(policy=args.policy))
+    sim = Simulator(fleet, SimConfig(policy=args.policy, reach=args.reach))
     build = time.perf_counter() - t0
     r = sim.run(items)
     total = time.perf_counter() - t0

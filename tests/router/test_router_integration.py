@@ -35,7 +35,9 @@ def test_spill_goes_where_the_headroom_is_within_slo(tmp_path):
     async def main():
         # A low time scale: the TTFT we measure in wall time includes this one process's CPU time
         # (routers, emulators and client share it), which the scale would magnify.
-        bed = await start_fleet(tmp_path, time_scale=4)
+        # The headroom policy's placement (tiers, then room) is what this test pins; the default
+        # (predictive) policy chooses by predicted time and is tested in test_router_predict.py.
+        bed = await start_fleet(tmp_path, time_scale=4, router={"policy": "headroom"})
         try:
             # ~420 tokens each: AWS (2 x 1536) fits 6, so 24 at once fit only by spilling. Azure is
             # on-demand with 3 x 4096 tokens; GCP is spot: spills go to Azure, not GCP.
@@ -116,7 +118,9 @@ def test_drain_through_the_cli(tmp_path, monkeypatch):
     cli = CliRunner()
 
     async def main():
-        bed = await start_fleet(tmp_path, time_scale=2)
+        # headroom keeps these three on GCP's own engines (it has room); the predictive default may
+        # place them on a peer predicted faster, and this test is about draining GCP's in-flight work.
+        bed = await start_fleet(tmp_path, time_scale=2, router={"policy": "headroom"})
         try:
             inflight = [asyncio.create_task(ask(bed.session, bed[GCP].url, max_tokens=150)) for _ in range(3)]
             while sum(e.engine.stats().num_running for e in bed[GCP].engines) < 3:

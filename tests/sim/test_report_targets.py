@@ -80,3 +80,16 @@ def test_report_shows_the_rate_table_and_the_verdict(tmp_path):
     # round-robin x1.5, headroom x(2 + 0.09 / 0.29): 1.54x; no failure run, so not met
     assert "| sim | t | 1.54x | 1.54x | - | no |" in text
     assert '"met": false' in (tmp_path / "results.json").read_text()
+
+
+def test_default_regional_is_compared_with_the_best_global_baseline():
+    runs = [
+        *sweep("default@regional", {1: 1.0, 2: 0.99, 3: 0.95, 4: 0.8}),
+        *sweep("least-outstanding@global", {1: 1.0, 2: 0.95, 3: 0.85}),
+        *sweep("instance-aware@global", {1: 1.0, 2: 0.97, 3: 0.88}),
+        *sweep("default@global", {1: 1.0, 2: 1.0, 3: 1.0, 4: 0.95, 5: 0.5}),  # not a baseline
+    ]
+    (c,) = check_targets(runs)
+    assert c.best_baseline == "instance-aware@global"
+    ia = 2 + 1 * 0.07 / 0.09
+    assert c.vs_best_baseline == pytest.approx((3 + 0.05 / 0.15) / ia)

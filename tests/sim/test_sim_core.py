@@ -121,11 +121,16 @@ def test_cli_json_and_bad_input(repo_root):
     )
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)
-    assert [x["policy"] for x in runs] == ["headroom", "round-robin", "least-outstanding"]
+    from gpufleet.cli.simulate import POLICIES
+    from gpufleet.serving.router.policies import POLICIES as REGISTERED
+
+    assert set(POLICIES) == set(REGISTERED)  # the CLI's literal list follows the registry
+    assert [x["policy"] for x in runs] == [p for p in POLICIES if p != "default"]
     assert all(x["failure"] == "aws-us-east-1@10+5" for x in runs)
     for args, needle in (
         (("--trace", "missing.csv"), "missing.csv"),
         (("--trace", "builtin:conv", "-p", "random"), "random"),
+        (("--trace", "builtin:conv", "--reach", "planet"), "planet"),
         (("--trace", "builtin:conv", "--fail", "x"), "REGION@SECONDS"),
         (("--trace", "builtin:conv", "--load-scale", "0"), "positive"),
         (("--trace", "builtin:conv", "--fleet", "nope.yaml"), "nope.yaml"),
@@ -146,3 +151,52 @@ def test_failed_outcome_is_counted(example_fleet):
     assert late and all(x.outcome != OK for x in late)
     assert r.summary.failed + r.summary.rejected == sum(1 for x in r.records if x.outcome != OK)
     assert FAILED in {x.outcome for x in r.records} or r.summary.rejected
+
+
+def test_global_reach_is_one_router_that_pays_the_round_trip(example_fleet):
+    from gpufleet.serving.sim import network
+
+    items = loadgen.assign_clients(_items(120, 3), ["aws-us-west-2"])  # every client in one region
+    regional = Simulator(example_fleet, SimConfig(policy="least-outstanding", engines_per_region=1,
+                                                  regions=DEMO)).run(items)  # fmt: skip
+    glob = Simulator(example_fleet, SimConfig(policy="least-outstanding", engines_per_region=1, regions=DEMO,
+                                              reach="global")).run(items)  # fmt: skip
+    # regional least-outstanding serves its own region only; one global router spreads over all three
+    assert {r.region for r in regional.records} == {"aws-us-west-2"}
+    away = [r for r in glob.records if r.region not in (None, "aws-us-west-2")]
+    assert away and all(r.spilled for r in away)
+    # a request served far away pays the round trip in its TTFT
+    rtt = 2 * network.one_way_s("us-west-2", "eastus")
+    far = [r for r in away if r.region == "azure-eastus"]
+    assert far and min(r.ttft_s for r in far) > rtt
+    with pytest.raises(SimError, match="reach"):
+        Simulator(example_fleet, SimConfig(reach="planet", regions=DEMO))
+
+
+@pytest.mark.parametrize("policy", ["default", "kv-cost", "prefix-affinity", "llm-d", "power-of-two", "instance-aware"])
+def test_every_policy_runs_through_a_region_failure_without_losing_requests(example_fleet, policy):
+    items = _items(90, 2)
+    fail = Failure("gcp-us-central1", 30.0, 60.0)
+    for reach in ("regional", "global"):
+        r = Simulator(example_fleet, SimConfig(policy=policy, engines_per_region=1, regions=DEMO, failures=[fail],
+                                               reach=reach)).run(items)  # fmt: skip
+        assert r.summary.failed == 0, (policy, reach)
+
+
+def test_prefix_affinity_reuses_the_longest_prefix(example_fleet):
+    # a Mooncake-like workload: groups share long prefixes that differ after their first block
+    import random
+
+    rng = random.Random(5)
+    items = []
+    for i in range(300):
+        g = rng.randrange(60)
+        hashes = (0, 100 + g, 200 + g, 300 + g, 1000 + i)  # the first block is shared by all
+        items.append(loadgen.WorkItem(id=i, at_s=i * 0.2, prompt_tokens=5 * 512, max_tokens=50,
+                                      client_region=DEMO[i % 3], hash_ids=hashes))  # fmt: skip
+    hit = {}
+    for p in ("round-robin", "prefix-affinity", "default"):
+        r = Simulator(example_fleet, SimConfig(policy=p, engines_per_region=1, regions=DEMO, reach="global")).run(items)
+        hit[p] = r.prefix_hit_rate
+    assert hit["prefix-affinity"] > hit["round-robin"] + 0.1
+    assert hit["default"] > hit["round-robin"] + 0.1

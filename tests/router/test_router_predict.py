@@ -1,0 +1,135 @@
+"""The predicting policy's model (serving/router/predict.py), its online correction, the prefix
+index, and the baselines' shared interface."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from gpufleet.serving.router.policies import BASELINES, POLICIES
+from gpufleet.serving.router.policy import EngineView, PolicyConfig, RegionView, RoutedRequest, make_policy
+from gpufleet.serving.router.predict import Correction, Corrections, predict, profile_for
+from gpufleet.serving.router.prefix import PrefixIndex, chain, text_chain
+
+NOW = 50.0
+H100 = profile_for("llama-3.1-8b", "H100-80GB")
+L40S = profile_for("llama-3.1-8b", "L40S")
+
+
+def _view(eid, region="r", profile=H100, **kw):
+    base = dict(id=eid, region=region, free_tokens=200_000.0, capacity_tokens=profile.capacity_tokens,
+                sampled_at=NOW, profile=profile)  # fmt: skip
+    base.update(kw)
+    return EngineView(**base)
+
+
+def _pred(profile, **kw):
+    args = dict(running=0, ctx_tokens=0.0, queued_prefill=0.0, prompt=1000, cached=0, max_tokens=200, rtt_s=0.0,
+                corr=Correction())  # fmt: skip
+    args.update(kw)
+    return predict(profile, **args)
+
+
+def test_prediction_uses_the_engine_models_step_times():
+    from gpufleet.serving.engine.model import plan_step
+
+    # one chunk of prefill alone is exactly the model's step for it
+    n = 1024
+    assert H100.prefill_s(n) == pytest.approx(plan_step(H100.cfg, n, n, n * n / 2, 1).step_time(0))
+    # a faster GPU predicts a faster prefill and decode; a longer queue a later first token
+    assert _pred(H100).ttft_s < _pred(L40S).ttft_s
+    assert _pred(H100, running=50, ctx_tokens=5e4).tpot_s < _pred(L40S, running=50, ctx_tokens=5e4).tpot_s
+    assert _pred(H100, queued_prefill=20_000).ttft_s > _pred(H100).ttft_s + 0.1
+    # cached prefix tokens are not prefilled again; the round trip is paid on top
+    assert _pred(H100, prompt=8000, cached=7168).ttft_s < _pred(H100, prompt=8000).ttft_s / 3
+    assert _pred(H100, rtt_s=0.15).ttft_s == pytest.approx(_pred(H100).ttft_s + 0.15)
+
+
+def test_online_correction_sees_a_slow_engine_and_the_policy_avoids_it():
+    corr = Corrections()
+    slow = _view("slow", running=20, kv_usage=0.1)
+    step = H100.decode_step(20, 0.1 * H100.capacity_tokens)
+    for i in range(12):  # the engine decodes 3x slower than its catalog figure
+        corr.observe(_view("slow", running=20, kv_usage=0.1, sampled_at=NOW + i, recent_itl_s=3 * step))
+    c = corr.by_engine["slow"]
+    from gpufleet.serving.router.predict import MAX_PACE
+
+    assert 2.5 < c.speed < 3.1 and c.pace == pytest.approx(MAX_PACE, rel=0.05)
+    # the policy: two identical engines, one observed slow, gets the request second
+    pol = make_policy("predictive", PolicyConfig())
+    fast = _view("fast", running=20, kv_usage=0.1)
+    for i in range(12):
+        t = NOW + i
+        views = [_view("slow", running=20, kv_usage=0.1, sampled_at=t, recent_itl_s=3 * step),
+                 _view("fast", running=20, kv_usage=0.1, sampled_at=t, recent_itl_s=step)]  # fmt: skip
+        out = pol.choose(RoutedRequest(need_tokens=1200, prompt_tokens=1000, max_tokens=200), views,
+                         [RegionView("r", local=True)], t)  # fmt: skip
+    assert [c.engine for c in out] == ["fast", "slow"]
+    assert slow.id != fast.id
+
+
+def test_predictive_sends_a_long_prompt_to_the_fast_gpu_and_never_where_it_cannot_fit():
+    pol = make_policy("predictive", PolicyConfig(ttft_slo_s=2.0))
+    views = [_view("l40s", profile=L40S), _view("h100", free_tokens=10_000.0)]
+    req = RoutedRequest(need_tokens=12_500, prompt_tokens=12_000, max_tokens=500)
+    out = pol.choose(req, views, [RegionView("r", local=True)], NOW)
+    assert [c.engine for c in out] == ["l40s"]  # the H100 cannot hold it: the admission guard
+    views[1] = _view("h100")
+    out = pol.choose(req, views, [RegionView("r", local=True)], NOW)
+    assert out[0].engine == "h100"
+
+
+def test_predictive_spills_only_where_the_peer_predicts_better():
+    pol = make_policy("predictive", PolicyConfig())
+    busy = _view("here", region="a", profile=L40S, running=200, kv_usage=0.5, pending_prefill_tokens=60_000)
+    idle = _view("there", region="b", sampled_at=NOW)
+    regions = [RegionView("a", local=True),
+               RegionView("b", remote=True, summarized_at=NOW, healthy_engines=1, largest_free_tokens=2e5,
+                          free_tokens=2e5, rtt_s=0.06, engines=(idle,))]  # fmt: skip
+    req = RoutedRequest(need_tokens=3000, prompt_tokens=2500, max_tokens=500)
+    assert pol.choose(req, [busy], regions, NOW)[0].region == "b"
+    calm = _view("here", region="a", profile=H100)
+    assert pol.choose(req, [calm], regions, NOW)[0].engine == "here"  # fine here: no hop
+
+
+def test_prefix_index_finds_the_longest_shared_prefix():
+    idx = PrefixIndex(max_entries=100)
+    a, b = chain([1, 2, 3, 4]), chain([1, 2, 9])
+    idx.record(a, "e1")
+    idx.record(b, "e2")
+    assert idx.match(chain([1, 2, 3, 7])) == {"e1": 3, "e2": 2}
+    assert idx.match(chain([5])) == {}
+    assert text_chain("x" * 5000) == text_chain("x" * 4100)[:2] and len(text_chain("x" * 5000)) == 2
+    small = PrefixIndex(max_entries=3)
+    small.record(a, "e1")
+    assert len(small.match(a)) == 0 and sum(small.blocks.values()) == 3  # oldest blocks evicted
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_offers_every_usable_engine_and_respects_exclusions(name):
+    pol = make_policy(name, PolicyConfig(seed=1))
+    views = [_view(f"e{i}", outstanding=i, running=i, kv_usage=0.01 * i) for i in range(5)]
+    req = RoutedRequest(need_tokens=500, prompt_tokens=400, max_tokens=100, exclude=frozenset({"e3"}),
+                        prefix=chain([1, 2]))  # fmt: skip
+    out = pol.choose(req, views, [RegionView("r", local=True)], NOW)
+    assert sorted(c.engine for c in out) == ["e0", "e1", "e2", "e4"]
+    if name in BASELINES and name not in ("round-robin", "power-of-two", "prefix-affinity", "kv-cost", "llm-d"):
+        assert out[0].engine == "e0"  # the least loaded
+
+
+def test_a_decision_over_1000_engines_is_cheap():
+    pol = make_policy("predictive", PolicyConfig())
+    profiles = [H100, L40S, profile_for("llama-3.1-8b", "A100-80GB")]
+    views = [_view(f"e{i}", region=f"r{i % 20}", profile=profiles[i % 3], running=i % 40, kv_usage=(i % 10) / 20,
+                   pending_prefill_tokens=float(i % 7) * 500) for i in range(1000)]  # fmt: skip
+    regions = [RegionView(f"r{i}", local=i == 0) for i in range(20)]
+    req = RoutedRequest(need_tokens=1500, prompt_tokens=1200, max_tokens=300)
+    pol.choose(req, views, regions, NOW)
+    best = min(_timed(pol, req, views, regions) for _ in range(5))
+    assert best < 0.02  # generous for a loaded CI machine; tests/bench/bench_router.py measures it
+
+
+def _timed(pol, req, views, regions) -> float:
+    t = time.perf_counter()
+    pol.choose(req, views, regions, NOW)
+    return time.perf_counter() - t
