@@ -86,10 +86,10 @@ def register(app: typer.Typer) -> None:
         )
         out.print(f"spills to peer regions: {result.spills:.0f}; streams continued after a failure: "
                   f"{result.continuations:.0f}")  # fmt: skip
-        out.print("events: " + "; ".join(f"{t:.0f} s {what}" for t, what in result.events))
+        out.print("events (trace time): " + "; ".join(f"t={t:.0f} s {what}" for t, what in result.events))
         for r in [r for r in result.records if r.outcome == "failed"][:10]:
             # Say why: a failed request is what the demo exists to rule out.
-            out.print(f"failed request {r.id} at {r.arrival_s:.1f} s (arrived at {r.client_region}): {r.error}")
+            out.print(f"failed request {r.id} at t={r.arrival_s:.1f} s (arrived at {r.client_region}): {r.error}")
         out.print(f"full report: {result.report}")
         raise typer.Exit(EXIT_FINDINGS if s.failed else EXIT_OK)
 

@@ -141,14 +141,18 @@ def _render(states, cfg: DemoConfig, fleet, elapsed: float, records, sent: int, 
         state = Text("up", "green") if st.up else Text("DOWN", "bold red")
         t.add_row(key, fleet.region(key).gpu, state, bar, f"{st.free_tokens:,.0f}", str(st.running),
                   str(st.waiting), str(st.served), f"{st.spills:.0f}", str(st.failures))  # fmt: skip
+    # One clock everywhere: trace time (engine seconds; wall time x time_scale), as in the report.
+    now_t, end_t = elapsed * cfg.time_scale, cfg.duration_s * cfg.time_scale
     head = Text(
-        f"{elapsed:5.1f}/{cfg.duration_s:.0f} s   sent {sent}   done {done}   "
+        f"trace time t={now_t:5.1f}/{end_t:.0f} s   sent {sent}   done {done}   "
         f"SLO met {100 * met / done if done else 100:.1f}%   "
         f"failed {sum(1 for r in records if r.outcome == FAILED)}"
     )
     lines: list[RenderableType] = [head, t]
     if events:
-        lines.append(Text("  ".join(f"[{w:.0f}s] {what}" for w, what in events), style="bold"))
+        lines.append(
+            Text("  ".join(f"[t={w * cfg.time_scale:.0f} s] {what}" for w, what in events), style="bold")
+        )
     return Group(*lines)
 
 
@@ -164,7 +168,7 @@ async def run_demo(fleet, cfg: DemoConfig, workdir: Path, out=None) -> DemoResul
     model = fleet.models[0].name
     states = {k: RegionState() for k in regions}
     records: list[RequestRecord] = []
-    events: list[tuple[float, str]] = []  # wall seconds
+    events: list[tuple[float, str]] = []  # wall seconds here; shown and reported in trace time
     kv_series: dict[str, list[tuple[float, float]]] = {k: [] for k in regions}
 
     def on_done(rec: RequestRecord) -> None:

@@ -43,6 +43,14 @@ def test_short_demo_completes_and_leaves_nothing(tmp_path, repo_root):
     alive = [pid for pid in seen if pid_alive(pid)]
     assert not alive, f"processes left behind: {alive}"
     assert "failed" in (report / "report.md").read_text()
+    # One clock: the region failure is reported in trace time, the report's clock (x2 the wall).
+    events = next(line for line in out.splitlines() if line.startswith("events (trace time): "))
+    import re
+
+    killed = re.search(r"t=(\d+) s \S+ engines killed", events)
+    # Half of 12 wall seconds at time x2 is t=12 s of trace time (the wall clock would say 6 s); the
+    # dashboard polls every half wall second, so the kill lands within one poll after.
+    assert killed and 12 <= int(killed.group(1)) <= 14, events
 
 
 def test_bad_input_is_a_clean_exit(tmp_path, repo_root):
