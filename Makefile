@@ -10,7 +10,7 @@ TOOLS := .venv-tools
 BIN := $(VENV)/bin
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup demo synth test lint bench clean
+.PHONY: setup demo synth test typecheck lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,11 @@ synth: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	PATH="$(CURDIR)/node_modules/.bin:$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/python -m pytest
+
+typecheck: setup
+	$(BIN)/mypy
 
 bench: setup
 	for b in tests/bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -16,10 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpufleet.serving import loadgen
 from gpufleet.serving.outcomes import summarize
 from gpufleet.serving.report import RunResult, failed_between
+
+if TYPE_CHECKING:
+    from gpufleet.stacks.spec import Fleet
 
 PEER_POLICIES = ("power_of_two", "cache_aware")
 
@@ -28,7 +32,7 @@ PEER_POLICIES = ("power_of_two", "cache_aware")
 class Setup:
     """What both drivers share: the fleet, its regions and engine shape, and the failure."""
 
-    fleet: object  # gpufleet.stacks.spec.Fleet
+    fleet: Fleet
     regions: tuple[str, ...]
     engines_per_region: int = 1
     num_gpu_blocks: int | None = None  # small engines saturate at request rates loopback can carry
@@ -125,11 +129,13 @@ def http_run(
         records = asyncio.run(_replay(items, targets, model, time_scale, lf, setup, events))
     ttft, tpot = fleet.slo.ttft_ms / 1000, fleet.slo.tpot_ms / 1000
     duration = max(i.at_s for i in items)
-    end = (setup.fail_at_s or 0) + (setup.fail_for_s or duration)
+    failed = 0
+    if setup.failure and setup.fail_at_s is not None:  # a failure has its time (Setup.failure)
+        failed = failed_between(records, setup.fail_at_s, setup.fail_at_s + (setup.fail_for_s or duration))
     return RunResult(
         driver="http", trace=trace, policy=policy, load_scale=load,
         summary=summarize(records, ttft, tpot, duration), failure=setup.failure,
-        failed_during_failure=failed_between(records, setup.fail_at_s, end) if setup.failure else 0,
+        failed_during_failure=failed,
         records=records, events=events, extra={"time_scale": time_scale},
     )  # fmt: skip
 

@@ -417,12 +417,12 @@ def _plots(runs: Sequence[RunResult], out: Path, timeline_run: RunResult | None)
         figures.append(("kv_usage.png", "KV usage per region over time"))
 
     if run is not None and run.records:
-        width = max(1.0, max(r.arrival_s for r in run.records) / 60)
+        width = max(1.0, max(rec.arrival_s for rec in run.records) / 60)
         bins: dict[str, dict[int, int]] = {OK: {}, REJECTED: {}, FAILED: {}}
-        for r in run.records:
-            b = int(r.arrival_s // width)
-            bins.setdefault(r.outcome, {})
-            bins[r.outcome][b] = bins[r.outcome].get(b, 0) + 1
+        for rec in run.records:
+            b = int(rec.arrival_s // width)
+            bins.setdefault(rec.outcome, {})
+            bins[rec.outcome][b] = bins[rec.outcome].get(b, 0) + 1
         top = max((max(v) for v in bins.values() if v), default=0)
         fig, ax = plt.subplots(figsize=(7, 3.2))
         for outcome, color in ((OK, "tab:green"), (REJECTED, "tab:orange"), (FAILED, "tab:red")):

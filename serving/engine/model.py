@@ -140,17 +140,13 @@ def resolve(config: EngineConfig) -> ResolvedConfig:
 
     model = catalog.model(config.model)
     gpu = catalog.gpu(config.gpu)
-    overrides = {
-        k: v
-        for k, v in (
-            ("memory_gib", config.gpu_memory_gib),
-            ("hbm_tb_s", config.hbm_tb_s),
-            ("bf16_tflops", config.bf16_tflops),
+    if (config.gpu_memory_gib, config.hbm_tb_s, config.bf16_tflops) != (None, None, None):
+        gpu = dataclasses.replace(
+            gpu,
+            memory_gib=gpu.memory_gib if config.gpu_memory_gib is None else config.gpu_memory_gib,
+            hbm_tb_s=gpu.hbm_tb_s if config.hbm_tb_s is None else config.hbm_tb_s,
+            bf16_tflops=gpu.bf16_tflops if config.bf16_tflops is None else config.bf16_tflops,
         )
-        if v is not None
-    }
-    if overrides:
-        gpu = dataclasses.replace(gpu, **overrides)
     tp = config.tensor_parallel_size
     if tp < 1:
         raise ValueError("tensor_parallel_size must be at least 1")

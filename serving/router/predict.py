@@ -23,6 +23,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine model is imported where used: it is heavy for the router
+    from gpufleet.serving.engine.model import ResolvedConfig
 
 # Bounds of the online correction: a ratio outside is a broken sample, not an engine.
 MIN_FACTOR, MAX_FACTOR = 0.5, 5.0
@@ -40,7 +44,7 @@ class EngineProfile:
     from the engine model. Build with `profile_for`; shared by every engine of that shape."""
 
     key: str
-    cfg: object  # engine.model.ResolvedConfig
+    cfg: ResolvedConfig
     chunk: int  # max_num_batched_tokens: the prefill chunk of one step
     max_num_seqs: int
     block_size: int

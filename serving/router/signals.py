@@ -236,12 +236,14 @@ class EngineState:
                 sample.itl_tokens_total, sample.running, self.recent_itl_s,
             )  # fmt: skip
         )
-        fresh = prev is not None and sample.prompt_tokens_total >= prev.prompt_tokens_total
-        self.recent_prompt_tokens = sample.prompt_tokens_total - prev.prompt_tokens_total if fresh else None
-        self.recent_itl_tokens = (
-            sample.itl_tokens_total - prev.itl_tokens_total
-            if fresh and sample.itl_tokens_total >= prev.itl_tokens_total else None
-        )
+        if prev is not None and sample.prompt_tokens_total >= prev.prompt_tokens_total:
+            self.recent_prompt_tokens = sample.prompt_tokens_total - prev.prompt_tokens_total
+            self.recent_itl_tokens = (
+                sample.itl_tokens_total - prev.itl_tokens_total
+                if sample.itl_tokens_total >= prev.itl_tokens_total else None
+            )
+        else:
+            self.recent_prompt_tokens = self.recent_itl_tokens = None
 
     def fail(self, error: str) -> None:
         self.healthy, self.error = False, error

@@ -28,8 +28,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
-from gpufleet.serving.engine.model import Engine, EngineConfig, Request, resolve
+from gpufleet.serving.engine.model import Engine, EngineConfig, EngineStats, Request, resolve
 from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop
 from gpufleet.serving.loadgen import WorkItem
 from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary, summarize
@@ -124,6 +125,20 @@ class _Job:
     prefix: tuple[int, ...] = ()  # chained hashes of its 512-token prompt blocks (prefix affinity)
 
 
+class _Placement(NamedTuple):
+    """What the simulator hangs on an engine request (its `user_data`): whose it is, and where."""
+
+    job: _Job
+    router_key: str  # the router whose ledger counts it
+    eid: str
+
+
+def _placement(req: Request) -> _Placement:
+    p = req.user_data
+    assert isinstance(p, _Placement), "every engine request the simulator submits carries its _Placement"
+    return p
+
+
 class _CountingEngine(Engine):
     """The engine model, counting the tokens each preemption throws away (recomputed later)."""
 
@@ -143,7 +158,7 @@ class _SimEngine:
         self.region = region
         self.v = v  # the engine model, stepped on the shared virtual loop
         self.alive = True
-        self.stats = None
+        self.stats: EngineStats | None = None
         self.sampled_at: float | None = None
         self.stamp: tuple[int, int] | None = None  # engine state the cached stats were read at
         self.itl: float | None = None  # decode pace between the last two samples (policy.recent_pace)
@@ -404,6 +419,8 @@ class Simulator:
             prompt = max(1, min(prompt, self.max_model_len - out))
         rec = RequestRecord(id=item.id, arrival_s=item.at_s, prompt_tokens=prompt, max_tokens=out,
                             client_region=item.client_region)  # fmt: skip
+        # run() gave every item a router's region (_clients)
+        assert item.client_region is not None, "a work item reached _on_arrive without a client region"
         job = _Job(item=item, rec=rec, router=item.client_region, need=prompt + out, hashes=None)
         if item.hash_ids:
             job.hashes = _block_hashes(item.hash_ids, prompt, self.engines[0].engine.block_size)
@@ -495,6 +512,7 @@ class Simulator:
     ) -> None:
         """The gateway's `_serve` for one request at `router` (hop_s: latency back to the client)."""
         residency = self.routers[job.router].region.residency  # the arrival region's, as the gateway does
+        prompt = job.rec.prompt_tokens + job.sent_tokens
         routed = RoutedRequest(
             need_tokens=job.need,
             model=None,
@@ -502,7 +520,7 @@ class Simulator:
             affinity_key=str(job.item.hash_ids[0]) if job.item.hash_ids else None,
             allow_remote=allow_remote,
             exclude=frozenset(job.excluded),
-            prompt_tokens=job.rec.prompt_tokens + job.sent_tokens,
+            prompt_tokens=prompt,
             max_tokens=job.rec.max_tokens - job.sent_tokens,
             prefix=job.prefix,
             prefix_block_tokens=MOONCAKE_BLOCK_TOKENS,
@@ -528,7 +546,7 @@ class Simulator:
                 router.down.add(eng.id)
                 job.excluded.add(eng.id)
                 continue
-            router.ledger.routed(eng.id, job, job.need, now, prefill_tokens=routed.prompt_tokens)
+            router.ledger.routed(eng.id, job, job.need, now, prefill_tokens=prompt)
             router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
             router.routed += 1
             lat = network.one_way_s(router.cloud_region, eng.cloud)
@@ -592,7 +610,7 @@ class Simulator:
             max_tokens=job.rec.max_tokens - job.sent_tokens,
             prompt_block_hashes=job.hashes[: prompt // eng.engine.block_size] if job.hashes else None,
             ignore_eos=True,
-            user_data=(job, router_key, eid),
+            user_data=_Placement(job, router_key, eid),
             on_first_token=self._first_token,
             on_finish=self._finished,
         )
@@ -600,16 +618,16 @@ class Simulator:
         eng.v.submit(req)
 
     def _first_token(self, req: Request, t: float) -> None:
-        job = req.user_data[0]
+        job, router_key, _ = _placement(req)
         if job.live is not req:
             return  # an engine that died with its region finishing its last window
-        self.routers[req.user_data[1]].ledger.progress(job, req.prompt_len + 1)
+        self.routers[router_key].ledger.progress(job, req.prompt_len + 1)
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s
             job.rec.ttft_s = job.first_token_at - job.item.at_s
 
     def _finished(self, req: Request, t: float) -> None:
-        job, router_key, eid = req.user_data
+        job, router_key, eid = _placement(req)
         if job.live is not req:
             return
         self._release(self.routers[router_key], eid, job)
@@ -677,7 +695,7 @@ class Simulator:
             ledger = router.ledger
             free = largest = fit_largest = 0.0
             healthy = 0
-            brief = []  # (queued prefill, -room, engine, pending) for the summary's engine figures
+            brief = []  # (queued prefill, -fit, id, engine, pending, stats) for the summary's engine figures
             for e in router.engines:
                 if not e.alive:
                     e.stats = None
@@ -687,8 +705,9 @@ class Simulator:
                 # Re-read the stats only when the engine stepped or took a request since last time.
                 eng = e.engine
                 stamp = (eng.num_steps, len(eng.requests))
-                if stamp != e.stamp or e.stats is None:
-                    prev = e.stats
+                st = e.stats
+                if stamp != e.stamp or st is None:
+                    prev = st
                     st = e.stats = eng.stats()
                     e.stamp = stamp
                     e.itl = None if prev is None else recent_pace(
@@ -700,7 +719,6 @@ class Simulator:
                         e.itl_delta = float(st.itl_tokens_total - prev.itl_tokens_total)
                 elif not e.engine.running:
                     e.itl = None  # idle since the last sample
-                st = e.stats
                 # the summary's headroom before accounting (policy.spare_headroom): none at all while
                 # the engine is saturated; what fits as a last resort regardless
                 spare = 0.0 if saturated(st.num_waiting, e.itl, self.policy_cfg) else st.free_tokens
@@ -710,15 +728,17 @@ class Simulator:
                     # what the streams through this router have materialized (the gateway counts
                     # prompt + tokens relayed, per chunk; here once per scrape round)
                     for req in eng.requests.values():
-                        if req.num_output_tokens and self.routers[req.user_data[1]].ledger is ledger:
-                            ledger.progress(req.user_data[0], req.prompt_len + req.num_output_tokens)
+                        if req.num_output_tokens:
+                            p = _placement(req)
+                            if self.routers[p.router_key].ledger is ledger:
+                                ledger.progress(p.job, req.prompt_len + req.num_output_tokens)
                 pending = ledger.pending(e.id)
                 room = spare - pending
-                fit = e.stats.free_tokens - pending
+                fit = st.free_tokens - pending
                 if fit > fit_largest:
                     fit_largest = fit
                 if not self.global_reach:
-                    brief.append((ledger.pending_prefill(e.id) + st.num_waiting, -fit, e.id, e, pending))
+                    brief.append((ledger.pending_prefill(e.id) + st.num_waiting, -fit, e.id, e, pending, st))
                 if room > 0:
                     free += room
                     if room > largest:
@@ -729,14 +749,14 @@ class Simulator:
             brief.sort(key=lambda t: t[:3])
             router.peer_engines = tuple(
                 EngineView(
-                    id=e.id, region=e.region, free_tokens=e.stats.free_tokens,
-                    capacity_tokens=float(e.stats.num_gpu_blocks * e.stats.block_size),
-                    kv_usage=e.stats.kv_cache_usage, running=e.stats.num_running, waiting=e.stats.num_waiting,
+                    id=e.id, region=e.region, free_tokens=es.free_tokens,
+                    capacity_tokens=float(es.num_gpu_blocks * es.block_size),
+                    kv_usage=es.kv_cache_usage, running=es.num_running, waiting=es.num_waiting,
                     sampled_at=now, recent_itl_s=e.itl, pending_tokens=pending, profile=e.profile,
                     recent_prompt_tokens=e.prompt_delta, recent_itl_tokens=e.itl_delta,
                     pending_prefill_tokens=ledger.pending_prefill(e.id),
                 )  # fmt: skip
-                for _, _, _, e, pending in brief[:PEER_SUMMARY_ENGINES]
+                for _, _, _, e, pending, es in brief[:PEER_SUMMARY_ENGINES]
             )
             router.summary_at = now
         for router in self.routers.values():
@@ -774,7 +794,7 @@ class Simulator:
             self._lost_prefix[0] += e.engine.prefix_cache_queries
             self._lost_prefix[1] += e.engine.prefix_cache_hits
         for req in lost:
-            job, router_key, eid = req.user_data
+            job, router_key, eid = _placement(req)
             self._release(self.routers[router_key], eid, job)
             if job.done:
                 continue

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 
 from gpufleet.serving.router.policies._base import rank
 from gpufleet.serving.router.policy import Candidate, EngineView, PolicyConfig, RegionView, RoutedRequest
+from gpufleet.serving.router.predict import EngineProfile
 
 REFERENCE_FLOPS = 989e12  # an H100's dense bf16: target rates are relative to it
 
 
 def _load(e: EngineView) -> float:
-    rate = e.profile.flops_s / REFERENCE_FLOPS if e.profile is not None else 1.0
+    rate = e.profile.flops_s / REFERENCE_FLOPS if isinstance(e.profile, EngineProfile) else 1.0
     return (e.outstanding + e.waiting) / rate
 
 

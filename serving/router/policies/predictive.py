@@ -50,7 +50,7 @@ from gpufleet.serving.router.policy import (
     engine_usable,
     headroom,
 )
-from gpufleet.serving.router.predict import Corrections, estimate
+from gpufleet.serving.router.predict import Corrections, EngineProfile, estimate
 from gpufleet.serving.router.prefix import PrefixIndex
 
 RISK_WIDTH = 0.1  # with the centre at 0.8: an SLO fraction of 0.6 is a 12 % risk, 1.0 is 88 %
@@ -94,7 +94,7 @@ def _load(e: EngineView) -> float:
     """Requests on `e` (running, or this router's in flight if more, plus its queue) in seconds of the
     engine's prefill per token: the load relative to the engine's speed, from the engine model (no
     hand-set rates). Running counts what other routers sent there too (a peer's engines)."""
-    q = e.profile.q_rate if e.profile is not None else 1.0
+    q = e.profile.q_rate if isinstance(e.profile, EngineProfile) else 1.0
     return (max(e.outstanding, e.running) + e.waiting + 1) * q
 
 
@@ -122,7 +122,7 @@ class PredictivePolicy:
     corrections: Corrections = field(default_factory=Corrections)
     # when a list: each decision appends (request key, engine, predicted TTFT s, predicted TPOT s) for
     # the first candidate, to check the prediction against what happened (results_sim.py)
-    log: list | None = None
+    log: list[tuple[object | None, str, float, float]] | None = None
     _states: dict = field(default_factory=dict, repr=False)  # id(view) -> (view, _state)
 
     def score(
@@ -165,7 +165,7 @@ class PredictivePolicy:
             return hit[1]
         prof = e.profile
         st = None
-        if prof is not None:
+        if isinstance(prof, EngineProfile):
             corr = self.corrections.observe(e)
             ctx = e.kv_usage * prof.capacity_tokens
             st = (prof, e.running, ctx, _queued(e, self.config), e.rtt_s + rtt_s, corr.speed, corr.pace,
@@ -253,21 +253,22 @@ class PredictivePolicy:
             if request.prefix:
                 self.index.record(request.prefix, ranked[0].engine)
             if self.log is not None:
-                self._log(request, ranked[0].engine, engines, prompt, out, hits)
+                self._log(self.log, request, ranked[0].engine, engines, prompt, out, hits)
         return ranked
 
-    def _log(self, request: RoutedRequest, eid: str, engines: Sequence[EngineView], prompt: int, out: int,
-             hits: dict[str, int]) -> None:  # fmt: skip
+    def _log(self, log: list[tuple[object | None, str, float, float]], request: RoutedRequest, eid: str,
+             engines: Sequence[EngineView], prompt: int, out: int, hits: dict[str, int]) -> None:  # fmt: skip
         e = next(v for v in engines if v.id == eid)
-        if e.profile is None:
+        prof = e.profile
+        if not isinstance(prof, EngineProfile):
             return
         corr = self.corrections.observe(e)
         cached = min(prompt, hits.get(eid, 0) * request.prefix_block_tokens)
         queued = _queued(e, self.config)
-        ttft, tpot, _, _ = estimate(e.profile, e.running, e.kv_usage * e.profile.capacity_tokens, queued,
-                                    e.profile.prefill_s(prompt, cached), prompt - cached, prompt, out, e.rtt_s,
+        ttft, tpot, _, _ = estimate(prof, e.running, e.kv_usage * prof.capacity_tokens, queued,
+                                    prof.prefill_s(prompt, cached), prompt - cached, prompt, out, e.rtt_s,
                                     corr.speed, corr.pace, _remaining(e))  # fmt: skip
-        self.log.append((request.key, eid, ttft, tpot))
+        log.append((request.key, eid, ttft, tpot))
 
     def _peer(self, region: RegionView, request: RoutedRequest, prompt: int, out: int, hits: dict[str, int],
               now: float, max_load: float | None = None) -> tuple[bool, float, float, Candidate] | None:  # fmt: skip
