@@ -16,7 +16,10 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from gpufleet.serving.router.predict import EngineProfile
 
 # Reserved before on-demand before spot (mirrors stacks.spec.TIER_PREFERENCE without importing pydantic).
 TIER_RANK: dict[str, int] = {"reserved": 0, "on-demand": 1, "spot": 2}
@@ -48,7 +51,7 @@ class EngineView:
     waiting_tokens: float | None = None  # demand of the waiting queue; None: estimate from `waiting`
     recent_itl_s: float | None = None  # mean inter-token latency since the previous sample (`recent_pace`)
     # For the predicting policy (serving/router/predict.py):
-    profile: object | None = None  # predict.EngineProfile: model, GPU type, TP, step times; None: unknown
+    profile: EngineProfile | None = None  # model, GPU type, TP, step times; None: unknown
     rtt_s: float = 0.0  # round trip from the request's client region to this engine (global reach)
     pending_prefill_tokens: float = 0.0  # prompt tokens sent here and not yet prefilled (ledger)
     # between the last two samples: prompt tokens prefilled (vllm:prompt_tokens_total delta) and

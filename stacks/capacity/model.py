@@ -130,19 +130,6 @@ class RegionCapacity:
         d["price_per_gpu_hour"] = self.price_per_gpu
         return d
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> RegionCapacity:
-        return RegionCapacity(
-            cloud=d["cloud"],
-            region=d["region"],
-            gpu=d["gpu"],
-            offers=[InstanceOffer(**o) for o in d.get("offers", [])],
-            instance_type=d.get("instance_type"),
-            quota={tier: Quota(**q) for tier, q in (d.get("quota") or {}).items()},
-            spot_score=d.get("spot_score"),
-            notes=list(d.get("notes", [])),
-        )
-
 
 @dataclass
 class CloudResult:
