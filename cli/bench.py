@@ -9,9 +9,10 @@ from pathlib import Path
 import typer
 from gpufleet.cli.common import DEFAULT_FLEET, EXIT_BAD_INPUT, EXIT_INTERRUPTED, fail
 
-# Over HTTP each region's router runs one of the policies the fleet file allows (stacks/spec.py
-# RouterSettings.policy); in the simulator every registered policy runs, under either reach.
-HTTP_POLICIES = ("headroom", "round-robin", "least-outstanding")
+# Over HTTP: the default as deployed (a router per region), against the simulator's best baselines
+# given one router over every engine (their best case), and vllm-router beside them; in the
+# simulator every registered policy runs, under either reach.
+HTTP_RUNS = ("default@regional", "instance-aware@global", "least-outstanding@global")
 SIM_POLICIES = ("default", "round-robin", "least-outstanding", "power-of-two", "prefix-affinity", "llm-d",
                 "instance-aware", "kv-cost")  # fmt: skip
 REACHES = ("regional", "global")
@@ -41,6 +42,9 @@ def register(app: typer.Typer) -> None:
         http: bool = typer.Option(True, "--http/--no-http", help="run the experiments over HTTP"),
         peer: bool = typer.Option(True, "--peer/--no-peer", help="vllm-router side by side, where installed"),
         report_dir: Path = typer.Option(Path("results/bench"), "--report-dir"),
+        http_run_names: list[str] = typer.Option(
+            list(HTTP_RUNS), "--http-run", help="POLICY@REACH run over HTTP (repeat), reach regional or global",
+        ),
         reach: list[str] = typer.Option(
             ["regional", "global"], "--reach", help="simulator reach, repeat: regional (a router per region, "
             "as deployed) and/or global (one router over every engine, paying the round trip)",
@@ -53,6 +57,13 @@ def register(app: typer.Typer) -> None:
         bad_reach = [r for r in reach if r not in REACHES]
         if bad_reach:
             fail(f"--reach {bad_reach[0]!r}: regional or global")
+        http_runs = [name.partition("@") for name in http_run_names]
+        from gpufleet.serving.router.policies import POLICIES
+
+        for p_, _, r_ in http_runs:
+            if p_ not in POLICIES or r_ not in REACHES:
+                fail(f"--http-run {p_}@{r_}: POLICY@REACH, policy one of {', '.join(POLICIES)}, reach regional "
+                     "or global")  # fmt: skip
         if not trace.is_file():
             fail(f"--trace {trace}: no such file (the public traces live in ../shared/traces)")
         from gpufleet.cli.common import console, load_fleet_or_exit
@@ -70,7 +81,7 @@ def register(app: typer.Typer) -> None:
             fail(f"region {bad[0]!r} is not in {fleet}; regions: {', '.join(sorted(keys))}")
         fail_region = fail_region or regions[1 % len(regions)]
         out = console()
-        policies = list(HTTP_POLICIES)
+        policies = [f"{p_}@{r_}" for p_, _, r_ in http_runs]
         notes = [
             f"fleet {fleet}: regions {', '.join(regions)}, {engines} engine(s) each"
             + (f", {blocks} KV blocks per engine" if blocks else ""),
@@ -110,7 +121,9 @@ def register(app: typer.Typer) -> None:
                                                         label=f"{p}@{r_}"))  # fmt: skip
                                     _line(out, runs[-1])
                         for p in policies if http else ():
-                            runs.append(http_run(setup, items, p, trace.name, x, time_scale, Path(work) / p))
+                            name, _, r_ = p.partition("@")
+                            runs.append(http_run(replace(setup, reach=r_ or "regional"), items, name, trace.name, x,
+                                                 time_scale, Path(work) / p.replace(":", "-"), label=p))  # fmt: skip
                             _line(out, runs[-1])
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -1,4 +1,8 @@
-"""gpufleet demo: three emulated regions, their routers and a load generator on loopback, live."""
+"""gpufleet demo: the default policy and the best baseline, each over three emulated regions on
+loopback, on the same load and region failure, live.
+
+Exit codes: 0 done and the default fleet lost no request, 1 it lost some (they are listed), 2 bad
+input, 3 the local fleet could not start, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -31,10 +35,21 @@ def register(app: typer.Typer) -> None:
         time_scale: float = typer.Option(2.0, "--time-scale", help="engine seconds per wall second"),
         engines: int = typer.Option(1, "--engines-per-region", min=1, max=8),
         no_live: bool = typer.Option(False, "--no-live", help="no live dashboard, just the summary"),
+        policy: str = typer.Option("default", "--policy", help="the policy routing per region (as deployed)"),
+        baseline: str = typer.Option(
+            "instance-aware", "--baseline",
+            help="the policy beside it, given one router over every engine (its best case); none: no baseline",
+        ),
     ) -> None:
-        """Run a fleet on this machine and watch it route by KV headroom through a region failure."""
+        """Run the router's default policy and the best baseline side by side on this machine, on the
+        same load, and watch both through a region failure."""
+        from gpufleet.serving.router.policies import POLICIES
+
         if duration <= 0 or time_scale <= 0 or (load_scale is not None and load_scale <= 0):
             fail("--duration, --time-scale and --load-scale must be positive")
+        for given, flag in ((policy, "--policy"), *(((baseline, "--baseline"),) if baseline != "none" else ())):
+            if given not in POLICIES:
+                fail(f"{flag} {given!r}: one of {', '.join(POLICIES)}" + (", none" if flag == "--baseline" else ""))
         if trace is not None and not trace.is_file():
             fail(f"--trace {trace}: no such file")
         import asyncio
@@ -65,6 +80,8 @@ def register(app: typer.Typer) -> None:
             fail_region=fail_region,
             live=not no_live,
             report_dir=report_dir,
+            policy=policy,
+            baseline=None if baseline == "none" else baseline,
         )
         out = console()
         try:
@@ -75,23 +92,32 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (FleetRunError, WorkloadError) as exc:
             fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, WorkloadError) else 3)
-        s = summarize(
-            result.records, spec.slo.ttft_ms / 1000, spec.slo.tpot_ms / 1000, cfg.duration_s * time_scale
-        )
-        out.print(
-            f"\nrequests {s.requests}: {s.ok} ok, {s.failed} failed, {s.rejected} refused (429); "
-            f"SLO attainment {100 * s.slo_attainment:.1f}% (TTFT <= {spec.slo.ttft_ms:g} ms, TPOT <= "
-            f"{spec.slo.tpot_ms:g} ms, engine time); TTFT p50 {1000 * (s.ttft_p50_s or 0):.0f} ms, "
-            f"p99 {_ms(s.ttft_p99_s)}"
-        )
-        out.print(f"spills to peer regions: {result.spills:.0f}; streams continued after a failure: "
-                  f"{result.continuations:.0f}")  # fmt: skip
+        ttft, tpot = spec.slo.ttft_ms / 1000, spec.slo.tpot_ms / 1000
+        span = cfg.duration_s * time_scale
+        out.print(f"\nSLO: TTFT <= {spec.slo.ttft_ms:g} ms, TPOT <= {spec.slo.tpot_ms:g} ms; trace time throughout")
+        summaries = []
+        for arm in result.arms:
+            s = summarize(arm.records, ttft, tpot, span)
+            summaries.append(s)
+            out.print(
+                f"{arm.label} ({arm.title}): requests {s.requests}: {s.ok} ok, {s.failed} failed, "
+                f"{s.rejected} refused (429); SLO attainment {100 * s.slo_attainment:.1f}%, goodput "
+                f"{s.goodput_rps:.2f}/s; TTFT p50 {_ms(s.ttft_p50_s)}, p99 {_ms(s.ttft_p99_s)}; served "
+                f"outside the client's region {s.spilled}; streams continued after a failure "
+                f"{arm.continuations:.0f}"
+            )
+        if len(summaries) == 2 and summaries[1].goodput_rps:
+            a, b = result.arms
+            out.print(f"goodput {a.label} / {b.label}: {summaries[0].goodput_rps / summaries[1].goodput_rps:.2f}x")
         out.print("events (trace time): " + "; ".join(f"t={t:.0f} s {what}" for t, what in result.events))
-        for r in [r for r in result.records if r.outcome == "failed"][:10]:
-            # Say why: a failed request is what the demo exists to rule out.
-            out.print(f"failed request {r.id} at t={r.arrival_s:.1f} s (arrived at {r.client_region}): {r.error}")
+        for arm in result.arms:
+            for r in [r for r in arm.records if r.outcome == "failed"][:10]:
+                # Say why: a failed request is what the demo exists to rule out.
+                out.print(f"{arm.label}: failed request {r.id} at t={r.arrival_s:.1f} s (arrived at "
+                          f"{r.client_region}): {r.error}")  # fmt: skip
         out.print(f"full report: {result.report}")
-        raise typer.Exit(EXIT_FINDINGS if s.failed else EXIT_OK)
+        # The exit code speaks for the router as deployed (the first fleet): 1 if it lost a request.
+        raise typer.Exit(EXIT_FINDINGS if summaries[0].failed else EXIT_OK)
 
 
 def _ms(x: float | None) -> str:

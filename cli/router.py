@@ -95,6 +95,10 @@ def serve(
     loop: str = typer.Option(
         "auto", "--loop", help="event loop: uvloop, asyncio, or auto (uvloop when installed)"
     ),
+    reach: str = typer.Option(
+        "regional", "--reach", help="regional (this region's engines, peers for the rest; as deployed) or "
+        "global (one router over every region's engines: the baselines' best case, for comparisons)",
+    ),
 ) -> None:
     """Serve the OpenAI API for one region until interrupted."""
     import asyncio
@@ -104,6 +108,8 @@ def serve(
     from gpufleet.serving.router.gateway import Router
 
     loop_factory = _loop_factory(loop)
+    if reach not in ("regional", "global"):
+        fail(f"--reach must be regional or global, not {reach!r}", EXIT_BAD_INPUT)
     for url in replica:
         if not url.startswith(("http://", "https://")):
             fail(f"--replica must be an http:// or https:// URL, not {url!r}", EXIT_BAD_INPUT)
@@ -111,11 +117,10 @@ def serve(
         fail(f"--replicas-dns must be HOST:PORT, not {replicas_dns!r}", EXIT_BAD_INPUT)
     spec = load_fleet_or_exit(fleet)
     try:
-        config = build_config(spec, region)
+        config = build_config(spec, region, reach=reach)
     except ConfigError as exc:
-        code = (
-            EXIT_BAD_INPUT if "no region" in str(exc) or "lists no engines" in str(exc) else EXIT_ENVIRONMENT
-        )
+        bad = ("no region", "lists no engines", "global reach needs")
+        code = EXIT_BAD_INPUT if any(b in str(exc) for b in bad) else EXIT_ENVIRONMENT
         fail(str(exc), code)
     tls = _tls(spec.router, port)
     _raise_fd_limit()
@@ -141,7 +146,7 @@ def serve(
                 await router.close()
                 fail(f"cannot listen on {host}:{tls_port} (router.tls_port): {exc.strerror or exc}", EXIT_ENVIRONMENT)
         print(
-            f"router for {region} listening on {where} "
+            f"router for {region if reach == 'regional' else 'every region (global reach)'} listening on {where} "
             f"({len(config.region.engines)} engines, {len(config.peers)} peers, "
             f"at most {router.limits.max_connections} client connections)",
             flush=True,

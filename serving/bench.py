@@ -39,7 +39,7 @@ class Setup:
     fail_region: str | None = None
     fail_at_s: float | None = None  # model seconds
     fail_for_s: float | None = None
-    reach: str = "regional"  # the simulator's router reach (regional | global); see sim/core.py
+    reach: str = "regional"  # router reach (regional | global): sim/core.py, fleetrun.py
     ttft_slo_s: float | None = None  # override the fleet's TTFT target
 
     @property
@@ -102,8 +102,11 @@ def http_run(
     load: float,
     time_scale: float,
     workdir: Path,
+    label: str | None = None,
 ) -> RunResult:
-    """Replay over HTTP. `policy` is one of ours, or "vllm-router:<policy>" for the peer router."""
+    """Replay over HTTP. `policy` is one of ours, under `setup.reach` (regional: a router per region;
+    global: one router over every engine), or "vllm-router:<policy>" for the peer router (always one
+    global router). `label` names the run in reports (default: as `sim_run`'s)."""
     from gpufleet.serving.fleetrun import LocalFleet
     from gpufleet.serving.procs import free_port
 
@@ -112,7 +115,8 @@ def http_run(
     blocks = {k: setup.num_gpu_blocks for k in setup.regions} if setup.num_gpu_blocks else {}
     lf = LocalFleet(fleet, setup.regions, workdir, engines_per_region=setup.engines_per_region,
                     time_scale=time_scale, policy=policy if peer is None else "headroom",
-                    num_gpu_blocks=blocks, start_routers=peer is None)  # fmt: skip
+                    num_gpu_blocks=blocks, start_routers=peer is None,
+                    reach=setup.reach if peer is None else "regional")  # fmt: skip
     events: list[tuple[float, str]] = []
     model = fleet.models[0].name
     with lf:
@@ -133,7 +137,8 @@ def http_run(
     if setup.failure and setup.fail_at_s is not None:  # a failure has its time (Setup.failure)
         failed = failed_between(records, setup.fail_at_s, setup.fail_at_s + (setup.fail_for_s or duration))
     return RunResult(
-        driver="http", trace=trace, policy=policy, load_scale=load,
+        driver="http", trace=trace, load_scale=load,
+        policy=label or (policy if peer or setup.reach == "regional" else f"{policy}@{setup.reach}"),
         summary=summarize(records, ttft, tpot, duration), failure=setup.failure,
         failed_during_failure=failed,
         records=records, events=events, extra={"time_scale": time_scale},

@@ -3,8 +3,9 @@
 Used by `gpufleet demo` and `gpufleet bench`. From a fleet file it takes the chosen regions (their
 GPU types and model), starts `engines_per_region` engine emulators for each (`gpufleet engine
 emulate`, time-scaled) and one router per region (`gpufleet router serve`) with the other regions as
-peers, through a derived fleet file whose endpoints point at loopback and whose router timings are
-divided by the time scale (so a scrape interval of 1 s of engine time stays 1 s of engine time).
+peers (or, under global reach, one router over every engine), through a derived fleet file whose
+endpoints point at loopback and whose router timings are divided by the time scale (so a scrape
+interval of 1 s of engine time stays 1 s of engine time).
 
 Every process runs in its own process group under a `Supervisor`: killed on close, at exit, on
 SIGTERM/SIGHUP, and by the caller's `with` block on Ctrl-C. Nothing is left behind.
@@ -64,6 +65,9 @@ class LocalFleet:
     num_gpu_blocks: dict[str, int] = field(default_factory=dict)  # region key -> override (small engines)
     max_num_seqs: int | None = None
     start_routers: bool = True
+    # regional: a router per region, the others its peers (as deployed); global: ONE router over
+    # every region's engines (the baselines' best case), which every client region's requests reach
+    reach: str = "regional"
     local: dict[str, LocalRegion] = field(default_factory=dict)
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 
@@ -85,6 +89,9 @@ class LocalFleet:
                 router_port=free_port(),
             )
         self.fleet_path = self.workdir / "fleet.local.yaml"
+        if self.reach not in ("regional", "global"):
+            raise FleetRunError(f"reach {self.reach!r}: regional or global")
+        self.global_port = free_port() if self.reach == "global" else None
 
     # -- the derived fleet file -------------------------------------------------------------------
 
@@ -148,17 +155,37 @@ class LocalFleet:
         for key, lr in self.local.items():
             for i, port in enumerate(lr.engine_ports):
                 self.sup.start(f"engine-{key}-{i}", self._engine_argv(key, port))
-        if self.start_routers:
-            for key, lr in self.local.items():
-                argv = python_argv("router", "serve", "--fleet", str(self.fleet_path), "--region", key,
-                                   "--port", str(lr.router_port))  # fmt: skip
-                self.sup.start(f"router-{key}", argv, env={TOKEN_ENV: self.token})
+        for name, argv in self._router_argvs():
+            self.sup.start(name, argv, env={TOKEN_ENV: self.token})
         deadline = time.monotonic() + timeout_s
         for key, lr in self.local.items():
             for i, url in enumerate(lr.engine_urls):
                 self._wait(f"engine-{key}-{i}", url + "/health", deadline)
-            if self.start_routers:
-                self._wait(f"router-{key}", lr.router_url + "/v1/models", deadline)
+        if self.start_routers:
+            for name, url in self._router_names().items():
+                self._wait(name, url + "/v1/models", deadline)
+
+    def _router_names(self) -> dict[str, str]:
+        """Supervisor name -> URL of each router this fleet runs."""
+        if not self.start_routers:
+            return {}
+        if self.global_port is not None:
+            return {"router-global": f"http://127.0.0.1:{self.global_port}"}
+        return {f"router-{key}": lr.router_url for key, lr in self.local.items()}
+
+    def _router_argvs(self) -> list[tuple[str, list[str]]]:
+        if not self.start_routers:
+            return []
+        if self.global_port is not None:
+            home = next(iter(self.local))  # where the one router runs: every engine is its own
+            return [("router-global", python_argv("router", "serve", "--fleet", str(self.fleet_path),
+                                                  "--region", home, "--reach", "global",
+                                                  "--port", str(self.global_port)))]  # fmt: skip
+        return [
+            (f"router-{key}", python_argv("router", "serve", "--fleet", str(self.fleet_path), "--region", key,
+                                          "--port", str(lr.router_port)))  # fmt: skip
+            for key, lr in self.local.items()
+        ]
 
     def _wait(self, name: str, url: str, deadline: float) -> None:
         child = self.sup.children[name]
@@ -209,6 +236,9 @@ class LocalFleet:
 
     @property
     def router_urls(self) -> dict[str, str]:
+        """Client region -> the router its requests reach (under global reach, the one router)."""
+        if self.global_port is not None:
+            return {k: f"http://127.0.0.1:{self.global_port}" for k in self.local}
         return {k: lr.router_url for k, lr in self.local.items()}
 
     @property

@@ -160,6 +160,11 @@ def _capacity_ratio(mine: SloCapacity, base: SloCapacity) -> float | None:
     return mine.rate_rps / base.rate_rps
 
 
+def _global_baseline(label: str) -> bool:
+    """A baseline at its best reach: ours at global reach, or the peer router (one global router)."""
+    return (label.endswith("@global") and label.split("@")[0] in BASELINE_NAMES) or label.startswith("vllm-router:")
+
+
 def check_targets(runs: Sequence[RunResult]) -> list[TargetCheck]:
     """Per (driver, trace): each policy's rate at 90% SLO attainment, headroom's over the
     baselines', the failed requests through the region failure, and the same-load comparison."""
@@ -180,7 +185,8 @@ def check_targets(runs: Sequence[RunResult]) -> list[TargetCheck]:
 
         gh, grr, glo = good("headroom"), good("round-robin"), good("least-outstanding")
         mine_label = next((p for p in ("default@regional", "default") if p in cap), None)
-        globals_ = {p: c for p, c in cap.items() if p.endswith("@global") and p.split("@")[0] in BASELINE_NAMES}
+        # the baselines at global reach, and the peer router (always one router over every engine)
+        globals_ = {p: c for p, c in cap.items() if _global_baseline(p)}
         best = max(globals_, key=lambda p: globals_[p].rate_rps or 0.0) if globals_ else None
         fails = [r.failed_during_failure for r in mine if r.failure and r.policy == "headroom"]
         out.append(
@@ -260,6 +266,37 @@ def targets_table(checks: Sequence[TargetCheck]) -> str:
     return "\n".join(lines)
 
 
+def side_by_side_table(runs: Sequence[RunResult]) -> str:
+    """One column per run, one row per figure; the last column, the first run's over the second's."""
+    rows: list[tuple[str, list[str], tuple[float, float] | None]] = []
+
+    def row(name: str, cells: list[str], values: tuple[float, float] | None = None) -> None:
+        rows.append((name, cells, values))
+
+    ss = [r.summary for r in runs]
+    pair = len(runs) == 2
+    row("requests", [str(s.requests) for s in ss])
+    row("within SLO", [f"{s.within_slo} ({100 * s.slo_attainment:.1f}%)" for s in ss],
+        (ss[0].within_slo, ss[1].within_slo) if pair else None)  # fmt: skip
+    row("goodput (req/s)", [f"{s.goodput_rps:.2f}" for s in ss],
+        (ss[0].goodput_rps, ss[1].goodput_rps) if pair else None)  # fmt: skip
+    row("TTFT p50 / p99 (ms)", [f"{_ms(s.ttft_p50_s)} / {_ms(s.ttft_p99_s)}" for s in ss])
+    row("TPOT p50 (ms)", [_ms(s.tpot_p50_s) for s in ss])
+    row("refused (429)", [str(s.rejected) for s in ss])
+    row("failed", [str(s.failed) for s in ss])
+    row("failed through the region failure", [str(r.failed_during_failure) if r.failure else "-" for r in runs])
+    row("served outside the client's region", [str(s.spilled) for s in ss])
+    # the routers count the streams they continued (the client sees one unbroken stream)
+    row("streams continued after a failure",
+        [_fmt(r.extra.get("continuations", s.continued)) for r, s in zip(runs, ss, strict=True)])  # fmt: skip
+    head = ["", *(r.policy for r in runs)] + ([f"{runs[0].policy} / {runs[1].policy}"] if pair else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cells, values in rows:
+        ratio = [] if not pair else ["-" if values is None or not values[1] else f"{values[0] / values[1]:.2f}x"]
+        lines.append("| " + " | ".join([name, *cells, *ratio]) + " |")
+    return "\n".join(lines)
+
+
 def best_table(checks: Sequence[TargetCheck]) -> str:
     lines = ["| driver | trace | best baseline (global) | default@regional / it at 90% SLO (>= 1.15) |",
              "|---|---|---|---|"]  # fmt: skip
@@ -284,16 +321,27 @@ def write_report(
     notes: Sequence[str] = (),
     timeline_run: RunResult | None = None,
     plots: bool = True,
+    sweep: bool = True,
 ) -> Path:
-    """Write report.md, results.json and the plots; returns the path of report.md."""
+    """Write report.md, results.json and the plots; returns the path of report.md.
+
+    `sweep`: the runs are a load sweep (rates at 90% SLO, targets); False: runs of one load side by
+    side (the demo), compared in one table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    checks = check_targets(runs)
+    checks = check_targets(runs) if sweep else []
     figures: list[tuple[str, str]] = []
     if plots:
-        figures = _plots(runs, out_dir, timeline_run)
+        figures = _plots(runs, out_dir, timeline_run, steady_only=sweep)
     md = [f"# {title}", ""]
     md += [f"- {n}" for n in notes]
-    md += [
+    if not sweep:
+        md += ["", "## Side by side", "",
+               "The same requests at the same times into each setup. Trace time throughout (engine",
+               "seconds). Goodput: requests within the SLO (TTFT and TPOT) per second. p99 TTFT counts",
+               "lost requests as infinite. A 429 is a clean refusal that the client can retry; failed",
+               "means the request was lost.", "",
+               side_by_side_table(runs), ""]  # fmt: skip
+    md += [] if not sweep else [
         "", "## Results", "",
         "Goodput: requests completed within the fleet's SLO (TTFT and TPOT) per second of model time,",
         "with the SLO attainment in brackets. p99 TTFT counts lost requests as infinite.", "",
@@ -348,7 +396,9 @@ def _fmt(v) -> str:
 # ---- plots -----------------------------------------------------------------------------------------
 
 
-def _plots(runs: Sequence[RunResult], out: Path, timeline_run: RunResult | None) -> list[tuple[str, str]]:
+def _plots(
+    runs: Sequence[RunResult], out: Path, timeline_run: RunResult | None, steady_only: bool = True
+) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +424,7 @@ def _plots(runs: Sequence[RunResult], out: Path, timeline_run: RunResult | None)
         plt.close(fig)
         figures.append(("goodput_vs_load.png", "Goodput against load"))
 
-    with_records = [r for r in steady if r.records]
+    with_records = [r for r in (steady if steady_only else runs) if r.records]
     if with_records:
         # The CDF at the highest load that every policy ran, on the first (driver, trace).
         driver, trace = with_records[0].driver, with_records[0].trace

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,9 +53,16 @@ class RouterConfig:
     # KV tokens of one engine of this region as the fleet sizes it (serving/sizing.py), for /scale
     # before any engine has reported its own; None when the model does not fit the region's GPU.
     engine_tokens_estimate: int | None = None
+    # "regional" (as deployed: this region's engines, the other regions through their routers) or
+    # "global" (one router over every region's engines, no peers: the baselines' best case, which
+    # `gpufleet demo` and `gpufleet bench` compare the default against)
+    reach: str = "regional"
+    engine_regions: Mapping[str, str] = field(default_factory=dict)  # global reach: engine URL -> region
 
     @property
     def peers(self) -> list[RegionInfo]:
+        if self.reach == "global":
+            return []
         return [r for k, r in self.regions.items() if k != self.region.key and r.router_url]
 
 
@@ -132,7 +139,16 @@ def engine_tokens_estimate(fleet: Fleet, key: str) -> int | None:
     return plan.kv_tokens
 
 
-def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = None) -> RouterConfig:
+REACHES = ("regional", "global")
+
+
+def build_config(
+    fleet: Fleet, region_key: str, env: Mapping[str, str] | None = None, reach: str = "regional"
+) -> RouterConfig:
+    """The config of the router of `region_key`; under global reach, of one router over every
+    region's engines (`region_key` names the region it runs in)."""
+    if reach not in REACHES:
+        raise ConfigError(f"reach {reach!r}: one of {', '.join(REACHES)}")
     try:
         fleet.region(region_key)
     except KeyError as exc:
@@ -144,6 +160,17 @@ def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = 
             f"region {region_key!r} lists no engines: set regions[].endpoints.engines (URLs) "
             "or endpoints.engines_dns (host:port) in the fleet file"
         )
+    engine_regions: dict[str, str] = {}
+    if reach == "global":
+        for info in regions.values():
+            if info.engines_dns and not info.engines:
+                raise ConfigError(
+                    f"global reach needs every region's engine URLs; region {info.key!r} has only "
+                    "endpoints.engines_dns"
+                )
+            engine_regions.update(dict.fromkeys(info.engines, info.key))
+        here = replace(here, engines=tuple(engine_regions), engines_dns=None,
+                       models=frozenset().union(*(r.models for r in regions.values())))  # fmt: skip
     served = {m.name: m.max_model_len for m in fleet.models if m.name in here.models}
     return RouterConfig(
         region=here,
@@ -154,4 +181,6 @@ def build_config(fleet: Fleet, region_key: str, env: Mapping[str, str] | None = 
         slo_ttft_ms=fleet.slo.ttft_ms,
         slo_tpot_ms=fleet.slo.tpot_ms,
         engine_tokens_estimate=engine_tokens_estimate(fleet, region_key),
+        reach=reach,
+        engine_regions=engine_regions,
     )

@@ -150,6 +150,11 @@ class Router:
         self.clock = clock
         self.policy_config = PolicyConfig.from_settings(s, config.slo_tpot_ms / 1000.0, config.slo_ttft_ms / 1000.0)
         self.profile = _profile(config.region.shape)  # this region's engines' step times (predict.py)
+        # Global reach: each engine's own region and step times (the shapes of its region).
+        shapes = {key: _profile(config.regions[key].shape) for key in set(config.engine_regions.values())}
+        self.engine_home: dict[str, tuple[str, Any]] = {
+            url: (key, shapes[key]) for url, key in config.engine_regions.items()
+        }
         self.peer_rtt: dict[str, float] = {}  # peer region -> measured summary round trip (regions.py)
         self._peer_engine_views: dict[str, tuple[float, tuple]] = {}
         self.policy = policy or make_policy(s.policy, self.policy_config)
@@ -212,6 +217,7 @@ class Router:
         drained_engines = self.drained_engines
         breakers = self.breakers.engines
         shared, shared_n = self.shared_pending, self.shared_in_flight  # other replicas' (replicas.py)
+        home = self.engine_home
         out = []
         for url, st in self.scraper.engines.items():
             b = breakers.get(url)
@@ -238,9 +244,10 @@ class Router:
                     out.append(view)
                     continue
             s = st.sample
+            engine_region, profile = home.get(url) or (region, self.profile)
             view = EngineView(
                 id=url,
-                region=region,
+                region=engine_region,
                 free_tokens=s.free_tokens if s else 0.0,
                 capacity_tokens=float(s.capacity_tokens) if s else 0.0,
                 kv_usage=s.kv_usage if s else 1.0,
@@ -255,7 +262,7 @@ class Router:
                 waiting_tokens=0.0,
                 recent_itl_s=st.recent_itl_s,
                 outstanding=in_flight,
-                profile=self.profile,
+                profile=profile,
                 pending_prefill_tokens=prefill_for,
                 recent_prompt_tokens=st.recent_prompt_tokens,
                 recent_itl_tokens=st.recent_itl_tokens,
@@ -269,8 +276,9 @@ class Router:
 
     def region_views(self, now: float) -> list[RegionView]:
         out = []
+        every_local = self.config.reach == "global"  # every region's engines are this router's own
         for key, info in self.config.regions.items():
-            local = key == self.region
+            local = every_local or key == self.region
             summary = None if local else self.peer_summaries.get(key)
             base = RegionView(
                 key=key,
