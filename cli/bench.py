@@ -43,24 +43,25 @@ def register(app: typer.Typer) -> None:
         peer: bool = typer.Option(True, "--peer/--no-peer", help="vllm-router side by side, where installed"),
         report_dir: Path = typer.Option(Path("results/bench"), "--report-dir"),
         http_run_names: list[str] = typer.Option(
-            list(HTTP_RUNS), "--http-run", help="POLICY@REACH run over HTTP (repeat), reach regional or global",
+            list(HTTP_RUNS), "--http-run",
+            help="POLICY@REACH run over HTTP (repeat); reach regional (the default) or global",
         ),
         reach: list[str] = typer.Option(
             ["regional", "global"], "--reach", help="simulator reach, repeat: regional (a router per region, "
             "as deployed) and/or global (one router over every engine, paying the round trip)",
         ),
     ) -> None:
-        """Every policy in the simulator (regional and global reach), and over HTTP the router's policies
-        per region beside vllm-router as one global router, on the same trace slices."""
+        """Every policy in the simulator (regional and global reach), and over HTTP the --http-run
+        policies at their reach beside vllm-router as one global router, on the same trace slices."""
         if duration <= 0 or time_scale <= 0 or any(x <= 0 for x in load):
             fail("--duration, --time-scale and --load-scale must be positive")
         bad_reach = [r for r in reach if r not in REACHES]
         if bad_reach:
             fail(f"--reach {bad_reach[0]!r}: regional or global")
-        http_runs = [name.partition("@") for name in http_run_names]
+        http_runs = [(p_, r_ or "regional") for p_, _, r_ in (name.partition("@") for name in http_run_names)]
         from gpufleet.serving.router.policies import POLICIES
 
-        for p_, _, r_ in http_runs:
+        for p_, r_ in http_runs:
             if p_ not in POLICIES or r_ not in REACHES:
                 fail(f"--http-run {p_}@{r_}: POLICY@REACH, policy one of {', '.join(POLICIES)}, reach regional "
                      "or global")  # fmt: skip
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
             fail(f"region {bad[0]!r} is not in {fleet}; regions: {', '.join(sorted(keys))}")
         fail_region = fail_region or regions[1 % len(regions)]
         out = console()
-        policies = [f"{p_}@{r_}" for p_, _, r_ in http_runs]
+        policies = [f"{p_}@{r_}" for p_, r_ in http_runs]
         notes = [
             f"fleet {fleet}: regions {', '.join(regions)}, {engines} engine(s) each"
             + (f", {blocks} KV blocks per engine" if blocks else ""),
