@@ -37,7 +37,10 @@ def test_spill_goes_where_the_headroom_is_within_slo(tmp_path):
         # (routers, emulators and client share it), which the scale would magnify.
         # The headroom policy's placement (tiers, then room) is what this test pins; the default
         # (predictive) policy chooses by predicted time and is tested in test_router_predict.py.
-        bed = await start_fleet(tmp_path, time_scale=4, router={"policy": "headroom"})
+        # stale_after_s 2 s (the harness's 0.6 s): on a loaded CI machine a scrape round came late
+        # once, every AWS sample counted as stale (full) and all 24 went to Azure. What this test
+        # pins is the placement, not the staleness rule (test_router_policy.py pins that).
+        bed = await start_fleet(tmp_path, time_scale=4, router={"policy": "headroom", "stale_after_s": 2.0})
         try:
             # ~420 tokens each: AWS (2 x 1536) fits 6, so 24 at once fit only by spilling. Azure is
             # on-demand with 3 x 4096 tokens; GCP is spot: spills go to Azure, not GCP.
