@@ -8,6 +8,7 @@ router before any starts, exactly as a deployed fleet file would.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import time
@@ -92,6 +93,7 @@ class FleetBed:
         for r in self.regions.values():
             for e in r.engines:
                 await e.stop()
+        gc.unfreeze()
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Every router has a good sample of each of its engines and a summary of each peer."""
@@ -129,6 +131,13 @@ async def start_fleet(
     slo_ttft_ms: float = 2000,
     limits: ServerLimits | None = None,
 ) -> FleetBed:
+    # Routers, engines and client share this one process, which after the tests before it holds
+    # hundreds of thousands of objects: a full garbage collection in the middle of a timed burst
+    # paused everything ~0.5 s (every TTFT of a burst late by the same amount, scrape rounds late).
+    # A deployed router's process holds only its own. Older objects are left out of collections
+    # until close (gc.freeze), so a test's timing sees only what it allocates itself.
+    gc.collect()
+    gc.freeze()
     settings = {
         "scrape_interval_s": 0.1,
         "scrape_timeout_s": 0.3,
