@@ -97,11 +97,6 @@ class DemoResult:
     report: Path
     events: list[tuple[float, str]] = field(default_factory=list)  # trace time
 
-    @property
-    def records(self) -> list[RequestRecord]:
-        """The default policy's (the first arm's) records."""
-        return self.arms[0].records
-
 
 def _capacity(fleet, key: str) -> float:
     from gpufleet.stacks import catalog

@@ -5,17 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gpufleet.serving.router.policy import (
-    Candidate,
-    EngineView,
-    PolicyConfig,
-    RegionView,
-    RoutedRequest,
-    _allowed_regions,
-    _peer_candidates,
-    _usable_engines,
-    headroom,
-)
+from gpufleet.serving.router.policies._base import rank
+from gpufleet.serving.router.policy import Candidate, EngineView, PolicyConfig, RegionView, RoutedRequest
 
 
 @dataclass
@@ -32,13 +23,4 @@ class LeastOutstandingPolicy:
         regions: Sequence[RegionView],
         now: float,
     ) -> list[Candidate]:
-        allowed = _allowed_regions(request, regions)
-        usable = _usable_engines(request, engines, allowed)
-        usable.sort(key=lambda e: (e.outstanding + e.waiting, not allowed[e.region].local, e.id))
-        out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in usable]
-        seen = {e.region for e in usable}
-        out += [
-            Candidate(r.key, None, r.largest_free_tokens)
-            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
-        ]
-        return out
+        return rank(request, engines, regions, now, self.config, lambda e: e.outstanding + e.waiting)

@@ -12,9 +12,8 @@ from gpufleet.serving.router.policy import (
     RegionView,
     RoutedRequest,
     _allowed_regions,
-    _peer_candidates,
     _usable_engines,
-    headroom,
+    ranked_engines,
 )
 
 
@@ -35,15 +34,9 @@ class RoundRobinPolicy:
     ) -> list[Candidate]:
         allowed = _allowed_regions(request, regions)
         usable = _usable_engines(request, engines, allowed)
-        out: list[Candidate] = []
         if usable:
             start = self._turn % len(usable)
             self._turn += 1
-            rotated = usable[start:] + usable[:start]
-            out = [Candidate(e.region, e.id, headroom(e, now, self.config)) for e in rotated]
-        seen = {e.region for e in usable}
-        out += [
-            Candidate(r.key, None, r.largest_free_tokens)
-            for r, _ in _peer_candidates(request, allowed, seen, now, self.config)
-        ]
-        return out
+            usable = usable[start:] + usable[:start]
+        # the rotation is the order (a stable sort on a constant key keeps it), then peer regions
+        return ranked_engines(request, usable, lambda e: 0, allowed, now, self.config)
