@@ -102,6 +102,7 @@ def serve(
 ) -> None:
     """Serve the OpenAI API for one region until interrupted."""
     import asyncio
+    import gc
 
     from gpufleet.cli.common import load_fleet_or_exit
     from gpufleet.serving.router.config import ConfigError, build_config
@@ -151,6 +152,14 @@ def serve(
             f"at most {router.limits.max_connections} client connections)",
             flush=True,
         )
+        # What start-up loaded (modules, config, catalog) lives as long as the process: kept out of
+        # the collector's full passes, which otherwise walk it again and again under load. Each
+        # request allocates a few hundred short-lived containers, nearly all freed by reference
+        # counting: a young-generation pass every 20,000 allocations instead of 700 costs about 8%
+        # less CPU per streamed request (docs/router.md, Benchmark).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
         try:
             await asyncio.Event().wait()
         finally:

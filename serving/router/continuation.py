@@ -20,7 +20,7 @@ from aiohttp import web
 from gpufleet.serving.router.errors import error_body
 from gpufleet.serving.router.parsing import Job
 from gpufleet.serving.router.policy import Candidate
-from gpufleet.serving.router.relay import Stream, Upstream, pump, write
+from gpufleet.serving.router.relay import ClientOut, Stream, Upstream, pump, write
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
@@ -108,7 +108,7 @@ async def continue_stream(
     request: web.Request,
     job: Job,
     broken: Candidate,
-    out: web.StreamResponse,
+    out: ClientOut,
     stream: Stream,
     why: str,
 ) -> bool:
@@ -154,7 +154,7 @@ async def continue_stream(
                 failed.add(cand.target)
                 router.release(cand)
                 continue
-            done, why = await pump(router, job, resp, out, stream, True, cand)
+            done, why = await pump(router, job, resp, out, stream, True)
         except BaseException:
             router.release(cand)  # the client left (or the task was cancelled): not the engine's fault
             if resp is not None:

@@ -56,10 +56,11 @@ from gpufleet.serving.router.policy import (
     make_policy,
     spare_headroom,
 )
-from gpufleet.serving.router.relay import ClientGone, Stream, Upstream, finish, pump
+from gpufleet.serving.router.relay import ClientGone, ClientOut, EventStream, Stream, Upstream, pump
 from gpufleet.serving.router.scale import UnmetDemand
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
 from gpufleet.serving.router.tls import CertReloader
+from gpufleet.serving.router.upstream import Response, UpstreamPool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 # Importable from here as before the split (admin, regions, scale, the CLI and the tests use them).
@@ -178,7 +179,7 @@ class Router:
         self.unmet = UnmetDemand()  # spilled and refused demand, for /scale
         self._room = asyncio.Event()
         self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
-        self._waits: dict[str, set[asyncio.Timeout]] = {}  # engine -> awaits on its answer (watched)
+        self._waits: dict[str, set[Response]] = {}  # engine -> answers awaited from it (watchers)
         self.metrics = RouterMetrics(self, clock)
         # Other replicas of this region (replicas.py): their reservations per engine, and this
         # replica's id, by which it knows itself among the replicas a DNS name lists.
@@ -189,6 +190,7 @@ class Router:
         # Peer summaries: filled by gpufleet.serving.router.regions.PeerReader.
         self.peer_summaries: dict[str, tuple[float, dict[str, Any]]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None  # the answers' connections (upstream.py)
         self._tasks: list[asyncio.Task] = []
         self._runner: GatewayRunner | None = None
         self.port: int | None = None
@@ -419,9 +421,11 @@ class Router:
         s = self.config.settings
         # vLLM closes a connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, vllm/envs.py, v0.11.0):
         # drop ours sooner, or a request could go out on a connection the engine is closing and
-        # fail as if the engine had.
+        # fail as if the engine had. The answers travel on the lean client (upstream.py); the
+        # session carries what is not per token (/tokenize for a continuation's usage).
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._pool = UpstreamPool(UPSTREAM_KEEPALIVE_S)
         self._tasks.append(asyncio.create_task(self.scraper.run(), name=f"scrape-{self.region}"))
         if self.config.region.engines_dns:
             self._tasks.append(asyncio.create_task(self._discover(), name=f"dns-{self.region}"))
@@ -469,6 +473,8 @@ class Router:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     @staticmethod
     async def _flush_logs(repeats: logs.RepeatFilter) -> None:
@@ -593,11 +599,11 @@ class Router:
         b = self.breaker(cand)
         b.success(now) if ok else b.failure(now)
 
-    def _url(self, cand: Candidate, path: str) -> str:
+    def _base_url(self, cand: Candidate) -> str:
         if cand.engine is not None:
-            return cand.engine + path
+            return cand.engine
         peer: RegionInfo = self.config.regions[cand.region]
-        return f"{peer.router_url}{path}"
+        return peer.router_url or ""
 
     async def _serve(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Try the candidates within the retry budget and the deadline.
@@ -695,53 +701,43 @@ class Router:
         else:
             self.unmet.spill_ended(key, self.clock())
 
-    async def watched(self, awaitable, cand: Candidate):
-        """Await an engine's answer, but give up when the scraper finds the engine dead meanwhile.
+    def watchers(self, cand: Candidate) -> set[Response] | None:
+        """Where an answer from the candidate waits while the scraper watches its engine.
 
         A hung engine accepts the request and never answers; a non-streamed answer may rightly take
         minutes, so no read timeout tells the two apart. Two failed scrapes in a row do: after each
-        scrape round `_expire_hung` expires the waits on such an engine (an `asyncio.timeout` with
-        no deadline of its own, so a wait costs no task and no timer).
+        scrape round `_expire_hung` breaks the answers still awaited from such an engine (a stream's
+        until its first token, `relay.pump`; any other's until its end). Being watched costs a set
+        entry: no task, no timer.
         """
         if cand.engine is None or cand.engine not in self.scraper.engines:
-            return await awaitable
-        waits = self._waits.setdefault(cand.engine, set())
-        try:
-            async with asyncio.timeout(None) as cm:
-                waits.add(cm)
-                try:
-                    return await awaitable
-                finally:
-                    waits.discard(cm)
-        except TimeoutError:
-            if not cm.expired():
-                raise  # the request's own timeout
-            state = self.scraper.engines.get(cand.engine)
-            raise Upstream(f"engine stopped answering ({state.error if state else 'gone'})") from None
+            return None
+        return self._waits.setdefault(cand.engine, set())
 
     def _expire_hung(self) -> None:
         for url, waits in self._waits.items():
             state = self.scraper.engines.get(url)
             if waits and state is not None and state.failures >= 2:
-                for cm in waits:
-                    if not cm.expired():
-                        cm.reschedule(-1)  # in the past: fires on the next loop iteration
+                why = f"engine stopped answering ({state.error})"
+                for resp in list(waits):
+                    resp.abort(Upstream(why))
 
 
-    async def open_upstream(self, cand: Candidate, job: Job, body: bytes) -> aiohttp.ClientResponse:
+    async def open_upstream(self, cand: Candidate, job: Job, body: bytes) -> Response:
         """POST to the candidate; the response with headers read, or `Upstream`."""
-        assert self._session is not None
+        assert self._pool is not None
         s = self.config.settings
         left = job.deadline - self.clock()
         if left <= 0:
             raise Upstream("deadline passed", penalize=False)
         # Until the first byte the request may rightly wait in the engine's queue, so reads are bounded
         # by its deadline only; `pump` tightens a stream to idle_timeout_s once its first token came.
-        timeout = aiohttp.ClientTimeout(total=None, connect=min(s.connect_timeout_s, left), sock_read=left)
-        post = self._session.post(self._url(cand, job.path), data=body, headers=job.headers, timeout=timeout)
         try:
-            resp = await self.watched(post, cand)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp = await self._pool.post(
+                self._base_url(cand), job.path, body, job.headers, connect_timeout_s=min(s.connect_timeout_s, left),
+                read_timeout_s=left, watchers=self.watchers(cand),
+            )  # fmt: skip
+        except (TimeoutError, OSError, ValueError) as exc:
             raise Upstream(f"{type(exc).__name__}: {exc}") from None
         if resp.status == 429:
             resp.release()
@@ -751,8 +747,8 @@ class Router:
             if resp.status not in _GATEWAY_STATUS:
                 try:
                     async with asyncio.timeout(min(1.0, left)):
-                        detail = ": " + snippet(await resp.content.read(4096), 200)
-                except (aiohttp.ClientError, TimeoutError, OSError):
+                        detail = ": " + snippet(await resp.read(4096), 200)
+                except (TimeoutError, OSError):
                     pass
             resp.close()
             # 502/503/504 say the engine is unavailable; any other 5xx may be the body's doing.
@@ -763,7 +759,7 @@ class Router:
         key = object()
         # Reserve before the first await, so concurrent requests see this one's demand.
         self.note_sent(cand, job, key)
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         finished = False  # the upstream answer was read to its end: its connection may be reused
         try:
             resp = await self.open_upstream(cand, job, job.body)
@@ -772,8 +768,8 @@ class Router:
                 finished = True
                 return answer
             try:
-                data = await self.watched(resp.read(), cand)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                data = await resp.read()
+            except (TimeoutError, OSError) as exc:
                 raise Upstream(f"answer broke: {type(exc).__name__}") from None
             finished = True
             # A 4xx is the engine refusing the request (it is up): relayed, never tried elsewhere.
@@ -791,14 +787,15 @@ class Router:
         finally:
             if resp is not None:
                 # Not read to its end (the client left, the stream broke): close the connection, so
-                # the engine sees the request abandoned and aborts it (vLLM does on disconnect).
+                # the engine sees the request abandoned and aborts it (vLLM does on disconnect). A
+                # finished stream's connection is kept once its chunked end has come (upstream.py).
                 resp.release() if finished else resp.close()
             self.note_done(cand, key)
 
     async def _relay(
-        self, request: web.Request, job: Job, cand: Candidate, resp: aiohttp.ClientResponse, key: object
+        self, request: web.Request, job: Job, cand: Candidate, resp: Response, key: object
     ) -> web.StreamResponse:
-        out = web.StreamResponse(
+        response = EventStream(
             status=200,
             headers={
                 "Content-Type": "text/event-stream",
@@ -806,14 +803,11 @@ class Router:
                 ROUTED_HEADER: resp.headers.get(ROUTED_HEADER, cand.region),
             },
         )
-        out.enable_chunked_encoding()
-        try:
-            await out.prepare(request)
-        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-            raise ClientGone() from exc
+        out = ClientOut(request, response)
+        await out.start()
         stream = Stream(key=key)
         try:
-            done, broke = await pump(self, job, resp, out, stream, False, cand)
+            done, broke = await pump(self, job, resp, out, stream, False)
             if done:
                 self.record(cand, ok=True)
                 self.metrics.outcome(cand.region, "ok")
@@ -822,18 +816,11 @@ class Router:
                 if not await continuation.continue_stream(self, request, job, cand, out, stream, broke):
                     self.metrics.outcome(cand.region, "stream_error")
         except ClientGone as exc:
-            exc.response = out
+            exc.response = response
             raise
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return out  # the relay was broken on purpose (continuation.py): nothing more to send
-        try:
-            await out.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionResetError):
-            pass
-        if done:
-            await finish(resp)  # the client has its answer; keep the upstream connection
-        return out
+        if not out.broken_on_purpose:
+            await out.end()
+        return response
 
 
 def _cancelled(request: web.Request) -> str:

@@ -2,11 +2,17 @@
 
 What arrives is written on at once, up to its last complete event (a client never sees half an
 event, so a continuation can follow any byte sent); several events that arrived together go out in
-one write. Per chunk the relay does C-level work only (a search for [DONE], a count of data lines,
-an append): events are split and parsed before the first token, when a stream breaks, or in 64 KiB
-batches; a continuation's events are parsed one by one (their ids and usage are rewritten).
-"""
+one write. Until the first token the request's task reads the engine's answer and writes through
+aiohttp (the head goes out with the first events). From the first token on, the engine
+connection's own callback (upstream.py) frames each chunk and writes it to the client's connection
+as an HTTP/1.1 chunk: no task wakes per chunk. The last events go out with the answer's end in one
+write. A client that does not keep up pauses the reading of the engine connection until it has
+taken what waits for it.
 
+Per chunk the relay does C-level work only (a search for [DONE], a count of data lines, an append):
+events are split and parsed before the first token, when a stream breaks, or in 64 KiB batches; a
+continuation's events are parsed one by one (their ids and usage are rewritten).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -18,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 from gpufleet.serving.router.parsing import Job
-from gpufleet.serving.router.policy import Candidate
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
+    from gpufleet.serving.router.upstream import Response
 
 _RAW_LIMIT = 64 * 1024  # unparsed SSE payload bytes kept per stream before a batch parse
 PROGRESS_EVERY = 8  # tokens between two updates of a stream's reservation (OptimisticLedger)
@@ -148,101 +154,214 @@ def whole_usage(usage: Any, prior_tokens: int, prompt_tokens: int | None = None)
     return True
 
 
-async def write(out: web.StreamResponse, data: bytes) -> None:
-    try:
-        if data:
-            await out.write(data)
-    except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
-        raise ClientGone(out) from exc
+class EventStream(web.StreamResponse):
+    """A streamed answer whose head waits for its first events and goes out with them in one write
+    (web.Response's behaviour; a StreamResponse sends its head at once)."""
+
+    _send_headers_immediately = False
 
 
-async def finish(resp: aiohttp.ClientResponse, limit_s: float = 1.0) -> None:
-    """Read an answer's end (the chunked body's terminator, which may come after [DONE] in a packet
-    of its own), so that its connection goes back to the pool rather than being closed: under load
-    about one stream in ten ended before its terminator, and each such stream cost the next
-    request a new TCP connection. Anything after [DONE] is dropped, as it is never relayed."""
-    content = resp.content
-    if content.is_eof():
-        return
-    try:
-        async with asyncio.timeout(limit_s):
-            while await content.readany():
-                pass
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        pass
+class ClientOut:
+    """The client's side of a streamed answer. aiohttp writes its head (with the first events) and
+    its end (with the last events); in between the relay writes each run of events to the
+    connection itself, framed as an HTTP/1.1 chunk, from the upstream connection's callback
+    (`_Relay.feed`)."""
+
+    HIGH_WATER = 64 * 1024  # unsent bytes to a slow client before the upstream read pauses
+
+    def __init__(self, request: web.Request, response: web.StreamResponse) -> None:
+        self.request = request
+        self.response = response
+        self.last = b""  # the answer's last events, sent with its end (`end`)
+
+    async def start(self) -> None:
+        self.response.enable_chunked_encoding()
+        try:
+            await self.response.prepare(self.request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone() from exc
+
+    async def write(self, data: bytes) -> None:
+        if self.last:
+            data, self.last = self.last + data, b""
+        try:
+            if data:
+                await self.response.write(data)
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone(self.response) from exc
+
+    def send(self, data: bytes) -> bool:
+        """Write at once, as one chunk (after a first `write`, which sent the head). True when the
+        client is slow to take it: more than HIGH_WATER bytes wait to go out."""
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone(self.response)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return transport.get_write_buffer_size() > self.HIGH_WATER
+
+    async def drain(self) -> None:
+        try:
+            await self.request.writer.drain()
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as exc:
+            raise ClientGone(self.response) from exc
+
+    async def end(self) -> None:
+        last, self.last = self.last, b""
+        try:
+            await self.response.write_eof(last)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            pass
+
+    @property
+    def broken_on_purpose(self) -> bool:
+        """The relay was cut (continuation.py, a forwarded stream): nothing more to send."""
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
 
 
-def set_idle_timeout(resp: aiohttp.ClientResponse, seconds: float) -> None:
-    """From now on, a read on this response that waits longer than `seconds` fails (aiohttp's
-    sock_read, changed on the open connection and restarted from now)."""
-    conn = resp.connection
-    proto = conn.protocol if conn is not None else None
-    if proto is not None:
-        proto.read_timeout = seconds
-        if not resp.content.is_eof():  # at EOF aiohttp has dropped the timer for good
-            proto.start_timeout()
+async def write(out: ClientOut, data: bytes) -> None:
+    await out.write(data)
+
+
+class _Relay:
+    """One attempt's relay. Until the first token the request's task reads and writes (`frame`,
+    `progress`); from then on `push` hands the answer to the upstream connection's callback
+    (`feed`), which frames each chunk and writes it on to the client at once, and the task sleeps
+    until the end, or until a slow client must be waited for."""
+
+    def __init__(self, router: Router, job: Job, resp: Response, out: ClientOut, stream: Stream,
+                 rewrite_id: bool) -> None:  # fmt: skip
+        self.router, self.job, self.resp, self.out = router, job, resp, out
+        self.stream, self.rewrite_id = stream, rewrite_id
+        self.tail = b""  # an incomplete event, waiting for the rest
+        self.noted = -PROGRESS_EVERY  # tokens the ledger was last told of (the first chunk at once)
+        self.result: tuple[bool, str] | ClientGone | None = None
+        self.congested = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def frame(self, data: bytes) -> tuple[bytes, bool]:
+        """The complete events that `data` ends (to relay) and whether [DONE] came."""
+        if self.tail:
+            data = self.tail + data
+        if b"\r" in data:  # CRLF line ends: normalise, so events split on one separator
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.tail = data
+            return b"", False
+        end += 2
+        data, self.tail = data[:end], data[end:]
+        return _events(data, self.stream, self.rewrite_id)
+
+    def progress(self) -> None:
+        # The ledger learns the tokens the engine now holds, in steps of PROGRESS_EVERY: the
+        # reservation stays at most that many tokens above the truth (never below).
+        stream = self.stream
+        if stream.materialized - self.noted >= PROGRESS_EVERY:
+            self.noted = stream.materialized
+            self.router.ledger.progress(stream.key, self.job.prompt_tokens + self.noted)
+
+    # ---- from the first token on: pushed ---------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self.result is not None:
+            return
+        data, done = self.frame(data)
+        if not data:
+            return
+        self.stream.bytes_out += len(data)
+        if done:  # the last events go out with the answer's end, in one write
+            self.out.last = data
+            self._end((True, ""))
+            return
+        try:
+            congested = self.out.send(data)
+        except ClientGone as exc:
+            self._end(exc)
+            return
+        self.progress()
+        if congested:
+            self.resp.pause_reading()
+            self.congested = True
+            self._wake()
+
+    def end(self, error: BaseException | None) -> None:
+        if self.result is None:
+            self._end((False, type(error).__name__ if error else "stream ended without [DONE]"))
+
+    def _end(self, result: tuple[bool, str] | ClientGone) -> None:
+        self.result = result
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def push(self) -> tuple[bool, str]:
+        self.resp.unwatch()  # streaming: silence is the idle timeout's business now
+        self.resp.set_idle_timeout(self.router.config.settings.idle_timeout_s)
+        self.resp.push(self)
+        loop = asyncio.get_running_loop()
+        while self.result is None:
+            if self.congested:
+                self.congested = False
+                await self.out.drain()
+                self.resp.resume_reading()
+                continue
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        if isinstance(self.result, ClientGone):
+            raise self.result
+        return self.result
 
 
 async def pump(
     router: Router,
     job: Job,
-    resp: aiohttp.ClientResponse,
-    out: web.StreamResponse,
+    resp: Response,
+    out: ClientOut,
     stream: Stream,
     rewrite_id: bool,
-    cand: Candidate,
 ) -> tuple[bool, str]:
     """Relay SSE events until [DONE]. Returns (completed, why it broke)."""
-    tail = b""  # an incomplete event, waiting for the rest
+    relay = _Relay(router, job, resp, out, stream, rewrite_id)
     first = stream.bytes_out == 0 and not rewrite_id
-    content = resp.content
     # Until its first token the request may rightly wait in the engine's queue: reads wait up to
-    # the deadline (set in `_open`; the hung-engine watch applies). From the first token on,
+    # the deadline (set in `open_upstream`; the hung-engine watch applies). From the first token on,
     # silence longer than idle_timeout_s means the stream broke. Not from the first byte: an
     # engine may send the role chunk before the request leaves its queue.
-    started = False
     tokens_before = stream.tokens  # a continuation starts with the text already relayed
-    noted = -PROGRESS_EVERY  # tokens the ledger was last told of (the first chunk is told at once)
     try:
         while True:
-            data = await (content.readany() if started else router.watched(content.readany(), cand))
+            data = await resp.read_some()  # watched for a hung engine (Router.watchers)
             if not data:
-                break
+                return False, "stream ended without [DONE]"
             if first:
                 t_in = time.perf_counter()
-            if tail:
-                data = tail + data
-            if b"\r" in data:  # CRLF line ends: normalise, so events split on one separator
-                data = data.replace(b"\r\n", b"\n")
-            end = data.rfind(b"\n\n")
-            if end < 0:
-                tail = data
+            data, done = relay.frame(data)
+            if not data:
                 continue
-            end += 2
-            data, tail = data[:end], data[end:]
-            data, done = _events(data, stream, rewrite_id)
-            await write(out, data)
+            if done:
+                out.last = data  # goes out with the answer's end, in one write
+            else:
+                await out.write(data)
             if first:
                 router.metrics.overhead_relay.observe(time.perf_counter() - t_in)
                 first = False
             stream.bytes_out += len(data)
             if done:
                 return True, ""
-            if not started:
-                stream.settle()  # parse only until the first token
-                if stream.tokens > tokens_before or stream.finished:
-                    set_idle_timeout(resp, router.config.settings.idle_timeout_s)
-                    started = True
-            # The ledger learns the tokens the engine now holds, in steps of PROGRESS_EVERY: the
-            # reservation stays at most that many tokens above the truth (never below).
-            if stream.materialized - noted >= PROGRESS_EVERY:
-                noted = stream.materialized
-                router.ledger.progress(stream.key, job.prompt_tokens + noted)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            stream.settle()  # parse only until the first token
+            relay.progress()
+            if stream.tokens > tokens_before or stream.finished:
+                return await relay.push()
+    except (TimeoutError, OSError) as exc:
         return False, f"{type(exc).__name__}"
     except Upstream as exc:  # the scraper found the engine dead while the request waited
         return False, str(exc)
-    return False, "stream ended without [DONE]"
 
 
 def _payloads(data: bytes) -> list[bytes]:

@@ -500,7 +500,8 @@ def test_router_serve_over_https_and_peers_verified_by_the_trust_store(tmp_path)
     """`gpufleet router serve` (a real process) serves HTTP on --port and HTTPS on router.tls_port.
     Its peer is an https:// router with a certificate from a test CA: the process trusts that CA
     (SSL_CERT_FILE, OpenSSL's default trust store) and reads the peer's summary; the peer's router
-    does not, and never reads the process's summary (aiohttp verifies, and nothing turns it off)."""
+    does not, and never reads the process's summary (aiohttp verifies, and nothing turns it off).
+    Drained, the process forwards a request to that peer over the same verified HTTPS."""
 
     async def main():
         ca = Ca()
@@ -575,6 +576,15 @@ def test_router_serve_over_https_and_peers_verified_by_the_trust_store(tmp_path)
                 assert r.status == 200
             async with session.get(f"http://127.0.0.1:{a_http}/scale", headers=ADMIN) as r:
                 assert r.status == 200 and (await r.json())["desired_engines"] == 0
+            # Drained here, a request goes to the peer over verified HTTPS (the lean upstream client).
+            async with session.post(f"http://127.0.0.1:{a_http}/admin/v1/drain", json={"region": AWS},
+                                    headers=ADMIN) as r:  # fmt: skip
+                assert r.status == 200
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+            async with session.post(f"http://127.0.0.1:{a_http}/v1/chat/completions", json=chat) as r:
+                text = await r.text()
+                assert (r.status, r.headers["X-Gpufleet-Region"]) == (200, "aws-us-west-2"), text
+                assert text.endswith("data: [DONE]\n\n") and text.count("[DONE]") == 1
             # This process trusts only the system store: the peer never got the other summary.
             assert "aws-us-east-1" not in peer.peer_summaries
         finally:

@@ -5,6 +5,8 @@ whole answer's."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 from .harness import MODEL, FleetBed, RegionSpec, ask, router_metric, start_fleet
@@ -173,3 +175,62 @@ def test_relay_bookkeeping_counts_and_parses_runs_of_events():
     stream.settle()
     assert stream.text == ["a", "data: x", "[DONE]", "b"] and stream.tokens == 4 and stream.finished
     assert stream.chunk_id == "c1" and stream.materialized == 4
+
+
+def test_a_client_slower_than_its_stream_pauses_the_engine_side_and_loses_nothing(tmp_path, monkeypatch):
+    """The relay writes each chunk from the engine connection's callback (relay._Relay.feed); when
+    the client does not keep up, the engine connection stops being read until the client has
+    taken what waits for it, and the client still gets every token once, in order."""
+    from gpufleet.serving.router import upstream
+
+    pauses = []
+    pause = upstream.Response.pause_reading
+    monkeypatch.setattr(upstream.Response, "pause_reading", lambda self: (pauses.append(1), pause(self)))
+
+    async def main():
+        bed = await start_fleet(tmp_path, TWO, time_scale=50)
+        try:
+            port = int(bed[AWS].url.rsplit(":", 1)[1])
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            # The router's side of this connection gets a small send buffer too, or the kernel
+            # takes the whole answer and nothing waits in the router.
+            here = sock.getsockname()
+            server = bed[AWS].router._runner.server
+            assert await wait_for(lambda: any(h.transport and h.transport.get_extra_info("peername") == here
+                                              for h in server.connections))  # fmt: skip
+            for h in server.connections:
+                if h.transport and h.transport.get_extra_info("peername") == here:
+                    h.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                               "max_tokens": 3000, "stream": True, "ignore_eos": True}).encode()  # fmt: skip
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            await loop.sock_sendall(sock, head + b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+            await asyncio.sleep(2.0)  # not reading: the answer piles up in front of this client
+            raw = b""
+            async with asyncio.timeout(30):
+                while not raw.endswith(b"\r\n0\r\n\r\n"):
+                    got = await loop.sock_recv(sock, 65536)
+                    assert got, "the router closed the connection"
+                    raw += got
+            sock.close()
+            head, _, chunks = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            text = b""
+            while chunks:
+                size, _, rest = chunks.partition(b"\r\n")
+                n = int(size, 16)
+                text, chunks = text + rest[:n], rest[n + 2 :]
+            events = [e for e in text.split(b"\n\n") if e]
+            payloads = [json.loads(e[6:]) for e in events[:-1]]
+            tokens = [c["choices"][0]["delta"].get("content") for c in payloads if c.get("choices")]
+            assert events[-1] == b"data: [DONE]" and text.count(b"[DONE]") == 1
+            assert sum(1 for t in tokens if t) == 3000
+            assert pauses, "the engine side was never paused: the client was not slow enough to test this"
+        finally:
+            await bed.close()
+
+    run(main())
