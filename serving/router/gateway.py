@@ -3,10 +3,11 @@
 One `Router` serves one region. Per request it reads the latest engine samples (never waits on a
 scrape), asks the policy for an ordered list of candidates, and tries them within the retry budget
 and the request's deadline. Its concerns live in modules of their own: reading and validating a
-request (parsing.py), candidates now or after a wait or why not (admission.py), relaying a stream
-(relay.py), continuing a broken one on another engine (continuation.py), errors as OpenAI-style
-JSON (errors.py) and the HTTP server's limits (limits.py). This module holds the `Router`: its view
-of the engines and regions, the attempts on candidates, and the app wiring.
+request (parsing.py), candidates now or after a wait or why not (admission.py), the connections
+upstream (upstream.py), relaying a stream (relay.py), continuing a broken one on another engine
+(continuation.py), errors as OpenAI-style JSON (errors.py) and the HTTP server's limits (limits.py).
+This module holds the `Router`: its view of the engines and regions, the attempts on candidates,
+and the app wiring.
 
 A request's fault is told from an engine's: a request the router finds invalid is answered 400
 before routing; one an engine refuses (4xx) goes back to the client as that engine answered it and
