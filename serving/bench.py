@@ -141,7 +141,8 @@ def http_run(
         policy=label or (policy if peer or setup.reach == "regional" else f"{policy}@{setup.reach}"),
         summary=summarize(records, ttft, tpot, duration), failure=setup.failure,
         failed_during_failure=failed,
-        records=records, events=events, extra={"time_scale": time_scale},
+        records=records, events=events,
+        extra={"time_scale": time_scale, "gpu": {k: fleet.region(k).gpu for k in setup.regions}},
     )  # fmt: skip
 
 

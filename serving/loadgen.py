@@ -262,8 +262,15 @@ async def run_http(
             first = last = None
             tokens = 0
             try:
-                async with session.post(targets[region] + "/v1/completions", json=body) as resp:
+                async with session.post(targets[region] + "/v1/completions", json=body,
+                                        headers={"X-Gpufleet-Explain": "1"}) as resp:  # fmt: skip
                     rec.region = resp.headers.get("x-gpufleet-region") or None
+                    predicted = resp.headers.get("x-gpufleet-predicted-ttft-ms")
+                    if predicted is not None:
+                        try:
+                            rec.predicted_ttft_s = float(predicted) / 1000
+                        except ValueError:
+                            pass
                     if resp.status == 429:
                         rec.outcome, rec.error = REJECTED, "429"
                         return

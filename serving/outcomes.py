@@ -34,6 +34,8 @@ class RequestRecord:
     spilled: bool = False  # served outside the region it arrived at
     continued: bool = False  # a broken stream was continued on another engine
     error: str | None = None
+    # the TTFT the router's policy predicted for the engine it chose (model seconds), where it said
+    predicted_ttft_s: float | None = None
 
     def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
         """Within SLO: answered completely, first token and every-token pace under the targets."""

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpufleet.serving import predictions
 from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary
 
 
@@ -366,6 +367,15 @@ def write_report(
         "baselines given one router over every engine (their best case), at 90% SLO (target >= 1.15).", "",
         best_table(checks), "",
     ]  # fmt: skip
+    predicted = predictions.http_points(runs)
+    if predicted:
+        md += ["## Predicted against measured TTFT (HTTP)", "",
+               "The TTFT the router's predicting policy expected of the engine it chose (said on each",
+               "answer), against the TTFT the client then measured, per GPU type; steady runs only,",
+               "continued streams left out.", "", *predictions.table(predicted), ""]  # fmt: skip
+        if plots:
+            predictions.plot(predicted, out_dir / "predicted_ttft.png", "measured TTFT at the client, s (HTTP)")
+            figures.append(("predicted_ttft.png", "Predicted against measured TTFT"))
     extras = [r for r in runs if r.extra]
     if extras:
         md += ["## Per-run details", "", "| run | driver | trace | details |", "|---|---|---|---|"]

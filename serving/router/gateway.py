@@ -38,6 +38,7 @@ from gpufleet.serving.router.metrics import RouterMetrics
 from gpufleet.serving.router.parsing import (
     DEFAULT_MAX_TOKENS,
     HOP_HEADER,
+    PREDICTED_HEADER,
     RESIDENCY_HEADER,
     ROUTED_HEADER,
     Job,
@@ -776,7 +777,7 @@ class Router:
             # A 4xx is the engine refusing the request (it is up): relayed, never tried elsewhere.
             self.record(cand, ok=True)
             headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-            headers[ROUTED_HEADER] = resp.headers.get(ROUTED_HEADER, cand.region)
+            headers.update(_answer_headers(job, cand, resp))
             if resp.status >= 400:
                 self.metrics.outcome(cand.region, "upstream_4xx")
                 return upstream_error(resp.status, data, headers)
@@ -798,12 +799,9 @@ class Router:
     ) -> web.StreamResponse:
         response = EventStream(
             status=200,
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                ROUTED_HEADER: resp.headers.get(ROUTED_HEADER, cand.region),
-            },
-        )
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                     **_answer_headers(job, cand, resp)},
+        )  # fmt: skip
         out = ClientOut(request, response)
         await out.start()
         stream = Stream(key=key)
@@ -822,6 +820,18 @@ class Router:
         if not out.broken_on_purpose:
             await out.end()
         return response
+
+
+def _answer_headers(job: Job, cand: Candidate, resp: Response) -> dict[str, str]:
+    """Who answered (a peer says which of its regions), and when asked, the TTFT the policy
+    predicted for the engine it chose (this router's, or the peer's that chose it)."""
+    out = {ROUTED_HEADER: resp.headers.get(ROUTED_HEADER, cand.region)}
+    if job.routed.explain:
+        if cand.predicted_ttft_s is not None:
+            out[PREDICTED_HEADER] = f"{cand.predicted_ttft_s * 1000:.1f}"
+        elif PREDICTED_HEADER in resp.headers:
+            out[PREDICTED_HEADER] = resp.headers[PREDICTED_HEADER]
+    return out
 
 
 def _cancelled(request: web.Request) -> str:

@@ -25,6 +25,10 @@ from gpufleet.serving.router.prefix import TEXT_BLOCK_CHARS, text_chain
 
 HOP_HEADER = "X-Gpufleet-Hop"  # set on a request forwarded to a peer region; the peer never forwards it again
 ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
+# A request with "X-Gpufleet-Explain: 1" gets, on its answer, the TTFT the predicting policy expected
+# of the engine it chose (engine seconds, in ms): to check the prediction against what a client sees.
+EXPLAIN_HEADER = "X-Gpufleet-Explain"
+PREDICTED_HEADER = "X-Gpufleet-Predicted-Ttft-Ms"
 RESIDENCY_HEADER = "X-Gpufleet-Residency"
 DEFAULT_MAX_TOKENS = 256  # demand assumed when a request gives no max_tokens
 MAX_JSON_DEPTH = 64  # tool schemas nest a dozen levels; nothing real nests 64
@@ -344,6 +348,9 @@ def parse_job(
     auth = _header(request, "Authorization")
     if auth is not None:
         headers["Authorization"] = auth
+    explain = request.headers.get(EXPLAIN_HEADER) == "1"
+    if explain:
+        headers[EXPLAIN_HEADER] = "1"  # a peer that serves it explains its own choice
     routed = RoutedRequest(
         need_tokens=prompt_tokens + (max_tokens or DEFAULT_MAX_TOKENS),
         model=model,
@@ -355,6 +362,7 @@ def parse_job(
         # longest-prefix affinity: chained hashes of the prompt's ~512-token text blocks
         prefix=text_chain(prompt_text(kind, payload)),
         prefix_block_tokens=TEXT_BLOCK_CHARS // 4,
+        explain=explain,
     )
     stream = payload.get("stream") is True
     return Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received)

@@ -105,6 +105,7 @@ class RoutedRequest:
     prefix: tuple[int, ...] = ()
     prefix_block_tokens: int = 512  # prompt tokens per element of `prefix`
     key: object | None = None  # the caller's id for the request (decision logs); never read to decide
+    explain: bool = False  # the first candidate carries the policy's predicted TTFT, where it has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,7 @@ class Candidate:
     region: str
     engine: str | None  # None: forward to the region's router (a peer)
     headroom: float
+    predicted_ttft_s: float | None = None  # set only when the request asked (RoutedRequest.explain)
 
     @property
     def target(self) -> str:

@@ -131,12 +131,11 @@ def main() -> int:
 def prediction_check(fleet, lines, out: Path) -> None:
     """The predicting policy's TTFT prediction against the TTFT the simulator then measured, per GPU
     type: the default policy (global) at each trace's best-baseline 90% load; a plot and a table."""
-    import statistics
-
+    from gpufleet.serving import predictions
     from gpufleet.serving.sim.core import SimConfig, Simulator
 
     gpu = {r.key: r.gpu for r in fleet.regions}
-    points: dict[str, list[tuple[float, float]]] = {}
+    points: predictions.Points = {}
     for name, cap, best, *_ in lines:
         x = cap[best].load_scale or 1.0
         sim = Simulator(fleet, SimConfig(policy="default", engines_per_region=1, regions=REGIONS, reach="global",
@@ -152,29 +151,8 @@ def prediction_check(fleet, lines, out: Path) -> None:
                 continue
             points.setdefault(f"{gpu[rec.region]} ({SHORT[name]})", []).append((hit[1], rec.ttft_s))
     print("\n## predicted vs measured TTFT (default@global at the best baseline's 90% load)")
-    for k, pts in sorted(points.items()):
-        ratio = sorted(p / m for p, m in pts if m > 0)
-        within = sum(1 for r in ratio if 0.8 <= r <= 1.25) / len(ratio)
-        print(f"  {k:28} n={len(pts):5}  median predicted/measured {statistics.median(ratio):.2f}, "
-              f"within 0.8-1.25x {100 * within:.0f}%")  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for k, pts in sorted(points.items()):
-        ax.scatter([m for _, m in pts], [p for p, _ in pts], s=4, alpha=0.5, label=k)
-    hi = max((max(p, m) for pts in points.values() for p, m in pts), default=1.0)
-    ax.plot([0.01, hi], [0.01, hi], color="grey", lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("measured TTFT, s (simulator)")
-    ax.set_ylabel("predicted TTFT at the decision, s")
-    ax.legend(fontsize=7, markerscale=3)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "predicted_ttft.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    print("\n".join(predictions.table(points)))
+    predictions.plot(points, out / "predicted_ttft.png", "measured TTFT, s (simulator)")
 
 
 if __name__ == "__main__":

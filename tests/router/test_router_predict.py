@@ -133,3 +133,44 @@ def _timed(pol, req, views, regions) -> float:
     t = time.perf_counter()
     pol.choose(req, views, regions, NOW)
     return time.perf_counter() - t
+
+
+def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that_chose(tmp_path):
+    """`X-Gpufleet-Explain: 1` on a request puts the TTFT the predicting policy expected of the chosen
+    engine on the answer (streamed or not); a request forwarded to a peer carries the peer's
+    prediction, since the peer chose the engine; without the header there is none."""
+    import asyncio
+
+    from gpufleet.serving.router.parsing import PREDICTED_HEADER, ROUTED_HEADER
+
+    from .harness import MODEL, TOKEN, start_fleet
+
+    aws = "aws-us-east-1"
+
+    async def post(bed, stream: bool, explain: bool):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 4,
+                "stream": stream}  # fmt: skip
+        headers = {"X-Gpufleet-Explain": "1"} if explain else {}
+        async with bed.session.post(bed[aws].url + "/v1/chat/completions", json=body, headers=headers) as r:
+            await r.read()
+            assert r.status == 200
+            return r.headers.get(ROUTED_HEADER), r.headers.get(PREDICTED_HEADER)
+
+    async def main():
+        bed = await start_fleet(tmp_path)
+        try:
+            for stream in (True, False):
+                region, predicted = await post(bed, stream, explain=True)
+                assert region == aws and predicted is not None
+                # a 300-word prompt on an idle H100: some milliseconds of prefill, well under a second
+                assert 0.1 < float(predicted) < 1000
+                assert (await post(bed, stream, explain=False))[1] is None
+            async with bed.session.post(bed[aws].url + "/admin/v1/drain", json={"region": aws},
+                                        headers={"Authorization": f"Bearer {TOKEN}"}) as r:  # fmt: skip
+                assert r.status == 200
+            region, predicted = await post(bed, True, explain=True)
+            assert region != aws and predicted is not None and float(predicted) > 0.1
+        finally:
+            await bed.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -93,3 +93,26 @@ def test_default_regional_is_compared_with_the_best_global_baseline():
     assert c.best_baseline == "instance-aware@global"
     ia = 2 + 1 * 0.07 / 0.09
     assert c.vs_best_baseline == pytest.approx((3 + 0.05 / 0.15) / ia)
+
+
+def test_the_report_compares_the_routers_predictions_with_what_the_client_measured(tmp_path):
+    """HTTP runs whose answers said the router's predicted TTFT get a table per GPU type and a plot;
+    continued or failed requests and runs through a failure are left out."""
+    recs = [
+        RequestRecord(id=i, arrival_s=i, prompt_tokens=10, max_tokens=10, outcome=OK, region="r-h100",
+                      ttft_s=0.2, tpot_s=0.01, predicted_ttft_s=0.2 * (1.1 if i % 2 else 3.0))
+        for i in range(10)
+    ]  # fmt: skip
+    recs.append(RequestRecord(id=10, arrival_s=10, prompt_tokens=10, max_tokens=10, outcome=OK, region="r-h100",
+                              ttft_s=0.2, predicted_ttft_s=50.0, continued=True))  # fmt: skip
+    s = summarize(recs, ttft_slo_s=2.0, tpot_slo_s=0.1, duration_s=DURATION)
+    steady = RunResult("http", "t", "default", 1.0, s, records=recs, extra={"gpu": {"r-h100": "H100-80GB"}})
+    failing = RunResult("http", "t", "default", 1.0, s, failure="r-h100 down", records=recs,
+                        extra={"gpu": {"r-h100": "H100-80GB"}})  # fmt: skip
+    text = write_report([steady, failing], tmp_path).read_text()
+    assert "## Predicted against measured TTFT (HTTP)" in text
+    # ten requests (not the continued one), median of 1.1 and 3.0 -> 2.05, half within 0.8-1.25x
+    assert "| H100-80GB (default) | 10 | 2.05 | 50% |" in text
+    assert (tmp_path / "predicted_ttft.png").stat().st_size > 0
+    plain = write_report([run("default", 1.0, 1.0)], tmp_path / "plain").read_text()
+    assert "Predicted against measured" not in plain

@@ -249,26 +249,32 @@ class PredictivePolicy:
         ranked += [Candidate(e.region, eid, room) for _, eid, e, room in fits[rest:]]  # not scored: by load
         ranked += [Candidate(reg, eid, room) for _, eid, reg, room in risky]
         ranked += [c for _, _, c in after]
-        if ranked and ranked[0].engine is not None:
+        eid = ranked[0].engine if ranked else None
+        if eid is not None:
             if request.prefix:
-                self.index.record(request.prefix, ranked[0].engine)
-            if self.log is not None:
-                self._log(self.log, request, ranked[0].engine, engines, prompt, out, hits)
+                self.index.record(request.prefix, eid)
+            if self.log is not None or request.explain:
+                predicted = self._predict(request, eid, engines, prompt, out, hits)
+                if predicted is not None and self.log is not None:
+                    self.log.append((request.key, eid, *predicted))
+                if predicted is not None and request.explain:
+                    ranked[0] = Candidate(ranked[0].region, eid, ranked[0].headroom, predicted[0])
         return ranked
 
-    def _log(self, log: list[tuple[object | None, str, float, float]], request: RoutedRequest, eid: str,
-             engines: Sequence[EngineView], prompt: int, out: int, hits: dict[str, int]) -> None:  # fmt: skip
+    def _predict(self, request: RoutedRequest, eid: str, engines: Sequence[EngineView], prompt: int, out: int,
+                 hits: dict[str, int]) -> tuple[float, float] | None:  # fmt: skip
+        """(TTFT, TPOT) predicted for the request on engine `eid`, as the decision saw it."""
         e = next(v for v in engines if v.id == eid)
         prof = e.profile
         if not isinstance(prof, EngineProfile):
-            return
+            return None
         corr = self.corrections.observe(e)
         cached = min(prompt, hits.get(eid, 0) * request.prefix_block_tokens)
         queued = _queued(e, self.config)
         ttft, tpot, _, _ = estimate(prof, e.running, e.kv_usage * prof.capacity_tokens, queued,
                                     prof.prefill_s(prompt, cached), prompt - cached, prompt, out, e.rtt_s,
                                     corr.speed, corr.pace, _remaining(e))  # fmt: skip
-        log.append((request.key, eid, ttft, tpot))
+        return ttft, tpot
 
     def _peer(self, region: RegionView, request: RoutedRequest, prompt: int, out: int, hits: dict[str, int],
               now: float, max_load: float | None = None) -> tuple[bool, float, float, Candidate] | None:  # fmt: skip
