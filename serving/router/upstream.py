@@ -27,6 +27,9 @@ MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers
 MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions)
 PULL_HIGH_WATER = 256 * 1024  # unread body bytes before reading from the socket pauses
 RECYCLE_WAIT_S = 1.0  # a released answer may finish its body this long to keep its connection
+# A whole answer read into memory (not streamed) at most this large: vLLM's largest answers (many
+# choices with logprobs) are megabytes; a peer that sends without end must not exhaust the router.
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 _HEAD, _BODY, _DONE = 0, 1, 2
 _SIZE, _DATA, _CRLF, _TRAILER = 0, 1, 2, 3
@@ -114,8 +117,9 @@ class Response:
         self._buffered = 0
         return buf[0] if len(buf) == 1 else b"".join(buf)
 
-    async def read(self, limit: int | None = None) -> bytes:
-        """The body to its end, or its first `limit` bytes or more."""
+    async def read(self, limit: int | None = None, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
+        """The body to its end, or its first `limit` bytes or more. A body past `max_bytes` breaks
+        the answer (UpstreamError; the connection closes)."""
         out: list[bytes] = []
         size = 0
         while limit is None or size < limit:
@@ -124,6 +128,10 @@ class Response:
                 break
             out.append(data)
             size += len(data)
+            if size > max_bytes:
+                error = UpstreamError(f"answer larger than {max_bytes} bytes")
+                self.abort(error)
+                raise error
         return b"".join(out)
 
     def push(self, sink: BodySink) -> None:

@@ -295,3 +295,17 @@ def test_a_connection_refused_is_an_oserror():
             await post(pool, f"http://127.0.0.1:{port}")
 
     run(main())
+
+
+def test_an_answer_without_end_is_cut_at_its_size_limit():
+    async def main():
+        endless = [OK_HEAD + b"Content-Length: 100000000\r\n\r\n"] + [b"x" * 4096] * 64
+        async with Script([endless], gap_s=0.001) as server:
+            pool = UpstreamPool(keepalive_s=5)
+            resp = await post(pool, server.url)
+            with pytest.raises(UpstreamError, match="larger than 65536 bytes"):
+                await resp.read(max_bytes=65536)
+            await asyncio.wait_for(server.closed.wait(), 3)  # the connection was closed on it
+            pool.close()
+
+    run(main())
