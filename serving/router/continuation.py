@@ -20,7 +20,7 @@ from aiohttp import web
 from gpufleet.serving.router.errors import error_body
 from gpufleet.serving.router.parsing import Job
 from gpufleet.serving.router.policy import Candidate
-from gpufleet.serving.router.relay import ClientOut, Stream, Upstream, pump, write
+from gpufleet.serving.router.relay import ClientOut, Stream, Upstream, pump
 
 if TYPE_CHECKING:
     from gpufleet.serving.router.gateway import Router
@@ -116,7 +116,7 @@ async def continue_stream(
     stream.settle()  # the exact text the client has seen
     if stream.finished:
         # Everything but [DONE] arrived: close it properly.
-        await write(out, b"data: [DONE]\n\n")
+        await out.write(b"data: [DONE]\n\n")
         router.metrics.outcome(broken.region, "ok")
         return True
     failed = {broken.target}
@@ -183,5 +183,5 @@ async def continue_stream(
         request.transport.close()
         return False
     err = error_body(502, f"the stream broke ({why}) and could not be continued", "service_unavailable")
-    await write(out, b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+    await out.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
     return False

@@ -203,7 +203,8 @@ class Router:
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
-        """The client session for requests upstream (None until `start`)."""
+        """aiohttp's client session, for what is not per token (/tokenize); the answers themselves
+        travel on the lean client (upstream.py). None until `start`."""
         return self._session
 
     @property

@@ -13,6 +13,7 @@ Per chunk the relay does C-level work only (a search for [DONE], a count of data
 events are split and parsed before the first token, when a stream breaks, or in 64 KiB batches; a
 continuation's events are parsed one by one (their ids and usage are rewritten).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -217,10 +218,6 @@ class ClientOut:
         """The relay was cut (continuation.py, a forwarded stream): nothing more to send."""
         transport = self.request.transport
         return transport is None or transport.is_closing()
-
-
-async def write(out: ClientOut, data: bytes) -> None:
-    await out.write(data)
 
 
 class _Relay:
