@@ -117,6 +117,7 @@ class LocalFleet:
             "queue_wait_s": s.queue_wait_s / ts,
             "breaker_cooldown_s": max(0.1, s.breaker_cooldown_s / ts),
             "idle_timeout_s": max(2.0, s.idle_timeout_s / ts),
+            "time_scale": ts,
             "admin_token_env": TOKEN_ENV,
         }
         data["router"].pop("admin_token_file", None)

@@ -296,6 +296,19 @@ class RouterSettings(_Strict):
         description="an engine whose recent inter-token latency exceeds this fraction of slo.tpot_ms "
         "takes new requests only as a last resort (headroom policy)",
     )
+    time_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="engine seconds per wall second: 1 for real engines; gpufleet bench and demo set it for "
+        "emulated engines that run faster than real time (the TTFT slack of late binding is engine time)",
+    )
+    late_binding: bool = Field(
+        True,
+        description="the predictive policy holds a request at the router while no engine can start its "
+        "prefill in its next step, and refuses it (429) once it can no longer meet slo.ttft_ms "
+        "(docs/router.md, Late binding)",
+    )
 
 
 # A registry host is the first path component when it has a dot or a port, or is localhost

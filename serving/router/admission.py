@@ -6,14 +6,23 @@ When the policy finds no candidate the answer depends on whether waiting can hel
   model with its residency;
 - 503 (at once, no queueing) when no engine that may take it is up;
 - otherwise it waits up to `queue_wait_s` for room (`queue_max` at most wait), then 429 +
-  Retry-After. A request forwarded by a peer never waits: the origin has other candidates.
+  Retry-After. A request forwarded by a peer does not wait for room: the origin has other
+  candidates.
+
+When the policy holds a request (late binding, `Candidate.hold_s`: no engine can start its prefill
+in its next step), it waits here, a forwarded one too (this router sees its own engines' prefills
+complete; the origin would not), and is asked about again at every scrape round and whenever a
+prefill or an answer completes here. Once its TTFT slack is spent, or with the queue full, it is
+refused: 429 + Retry-After.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gpufleet.serving.router.config import RegionInfo
@@ -96,7 +105,7 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
     """Candidates now, or after a short wait in the bounded queue, or HttpError (400, 503, 429)."""
     cands = router.choose(job.routed)
     if cands:
-        return cands
+        return cands if cands[0].hold_s is None else await hold(router, job, job.routed, cands[0].hold_s)
     why = unservable(router, job.routed)
     if why:
         raise HttpError(400, why)
@@ -130,6 +139,47 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
         raise _nothing_up()
     refused(router, job)
     raise HttpError(429, "no engine has room for this request now; retry later", headers=retry_after(router))
+
+
+def waited_s(job: Job, time_scale: float) -> float:
+    """Engine seconds the request has waited since it reached the fleet (this router's wait, in wall
+    seconds x the time scale, plus its origin router's, WAITED_HEADER)."""
+    return job.routed.waited_s + (time.perf_counter() - job.received) * time_scale
+
+
+async def hold(router: Router, job: Job, routed: RoutedRequest, hold_s: float) -> list[Candidate]:
+    """Late binding: wait (at most `hold_s` engine seconds, the request's TTFT slack) until the policy
+    would send `routed` (the job's request, with any exclusions of failed attempts); 429 after."""
+    s = router.config.settings
+    if hold_s > 0 and router.queued < s.queue_max:
+        router.queued += 1
+        router.queued_tokens += job.routed.need_tokens
+        try:
+            until = min(job.deadline, router.clock() + hold_s / s.time_scale)
+            while (left := until - router.clock()) > 0:
+                try:
+                    await asyncio.wait_for(router.room_event().wait(), left)
+                except TimeoutError:
+                    pass
+                cands = router.choose(replace(routed, waited_s=waited_s(job, s.time_scale)))
+                if cands:
+                    again = cands[0].hold_s
+                    if again is None:
+                        router.metrics.held.labels("sent").inc()
+                        return cands
+                    if again <= 0:
+                        break
+        finally:
+            router.queued -= 1
+            router.queued_tokens -= job.routed.need_tokens
+    router.metrics.held.labels("refused").inc()
+    refused(router, job)
+    raise HttpError(
+        429,
+        "the fleet is busy: no engine could start this request in time to meet its time-to-first-token "
+        "target; retry later",
+        headers=retry_after(router),
+    )
 
 
 def refused(router: Router, job: Job) -> None:

@@ -41,6 +41,7 @@ from gpufleet.serving.router.parsing import (
     PREDICTED_HEADER,
     RESIDENCY_HEADER,
     ROUTED_HEADER,
+    WAITED_HEADER,
     Job,
     parse_job,
     read_body,
@@ -660,7 +661,10 @@ class Router:
                     return answer
                 if self.clock() >= job.deadline:
                     break
-                cands = self.choose(replace(job.routed, exclude=frozenset(failed)))
+                routed = replace(job.routed, exclude=frozenset(failed))
+                cands = self.choose(replace(routed, waited_s=admission.waited_s(job, self.config.settings.time_scale)))
+                if cands and cands[0].hold_s is not None:  # late binding, after a refusal too
+                    cands = await admission.hold(self, job, routed, cands[0].hold_s)
         finally:
             if suspect is not None:
                 # Nothing confirmed either way (no other engine, the budget spent, the client gone):
@@ -693,8 +697,15 @@ class Router:
             if self.region not in self.drained_regions:  # spilled for lack of local room (/scale)
                 self.unmet.spill_started(key, job.routed.need_tokens, now)
 
+    def prefill_done(self) -> None:
+        """A request's first token came (or its answer ended): a request held for late binding may
+        now start."""
+        if self.queued:
+            self._wake_queue()
+
     def note_done(self, cand: Candidate, key: object) -> None:
         self.ledger.done(key)
+        self.prefill_done()
         if cand.engine is not None:
             n = self.outstanding.get(cand.engine, 1) - 1
             if n > 0:
@@ -735,9 +746,13 @@ class Router:
             raise Upstream("deadline passed", penalize=False)
         # Until the first byte the request may rightly wait in the engine's queue, so reads are bounded
         # by its deadline only; `pump` tightens a stream to idle_timeout_s once its first token came.
+        headers = job.headers
+        if cand.engine is None:  # to a peer: what is left of its TTFT slack is the peer's to hold for
+            waited_ms = 1000.0 * admission.waited_s(job, s.time_scale)
+            headers = {**headers, WAITED_HEADER: f"{waited_ms:.0f}"}
         try:
             resp = await self._pool.post(
-                self._base_url(cand), job.path, body, job.headers, connect_timeout_s=min(s.connect_timeout_s, left),
+                self._base_url(cand), job.path, body, headers, connect_timeout_s=min(s.connect_timeout_s, left),
                 read_timeout_s=left, watchers=self.watchers(cand),
             )  # fmt: skip
         except (TimeoutError, OSError, ValueError) as exc:

@@ -93,6 +93,12 @@ class RouterMetrics:
             registry=r,
         )
         self.rejected = Counter("gpufleet_router_rejected", "requests answered 429 (no room)", registry=r)
+        self.held = Counter(
+            "gpufleet_router_held",
+            "requests held at the router until an engine could start their prefill (late binding)",
+            ["outcome"],  # sent | refused (their TTFT slack spent: 429, also counted in rejected)
+            registry=r,
+        )
         self.decision = Histogram(
             "gpufleet_router_decision_seconds",
             "time to choose candidates",

@@ -30,6 +30,10 @@ ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
 EXPLAIN_HEADER = "X-Gpufleet-Explain"
 PREDICTED_HEADER = "X-Gpufleet-Predicted-Ttft-Ms"
 RESIDENCY_HEADER = "X-Gpufleet-Residency"
+# On a forwarded request: how long (ms) the origin router had it before forwarding, so that the peer
+# holds it (late binding) only for what is left of its TTFT slack.
+WAITED_HEADER = "X-Gpufleet-Waited-Ms"  # engine milliseconds
+MAX_WAITED_MS = 3_600_000.0
 DEFAULT_MAX_TOKENS = 256  # demand assumed when a request gives no max_tokens
 MAX_JSON_DEPTH = 64  # tool schemas nest a dozen levels; nothing real nests 64
 # Text averages ~4 characters a token and a BPE token of a Llama-3-class vocabulary rarely spans
@@ -302,6 +306,22 @@ def _header(request: web.Request, name: str) -> str | None:
     return value
 
 
+def _waited_s(request: web.Request) -> float:
+    """Seconds a forwarded request waited at its origin router (WAITED_HEADER; 0 when absent)."""
+    value = _header(request, WAITED_HEADER)
+    if value is None:
+        return 0.0
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = math.nan
+    if not 0 <= ms <= MAX_WAITED_MS:  # also NaN
+        raise HttpError(
+            400, f"{WAITED_HEADER} must be milliseconds from 0 to {MAX_WAITED_MS:.0f} (it is set by routers)"
+        )
+    return ms / 1000.0
+
+
 def parse_job(
     config: RouterConfig, request: web.Request, body: bytes, kind: str, deadline: float, received: float
 ) -> Job:
@@ -336,6 +356,7 @@ def parse_job(
     hop = _header(request, HOP_HEADER)
     if hop is not None and hop not in config.regions:
         raise HttpError(400, f"{HOP_HEADER} names no region of this fleet (it is set by routers)")
+    waited_s = _waited_s(request) if hop is not None else 0.0
     residency = _header(request, RESIDENCY_HEADER)
     if residency is not None:
         known = {r.residency for r in config.regions.values() if r.residency}
@@ -363,6 +384,7 @@ def parse_job(
         prefix=text_chain(prompt_text(kind, payload)),
         prefix_block_tokens=TEXT_BLOCK_CHARS // 4,
         explain=explain,
+        waited_s=waited_s,
     )
     stream = payload.get("stream") is True
     return Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received)

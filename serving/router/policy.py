@@ -106,6 +106,7 @@ class RoutedRequest:
     prefix_block_tokens: int = 512  # prompt tokens per element of `prefix`
     key: object | None = None  # the caller's id for the request (decision logs); never read to decide
     explain: bool = False  # the first candidate carries the policy's predicted TTFT, where it has one
+    waited_s: float = 0.0  # how long the request has waited since it reached the fleet (late binding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,11 @@ class Candidate:
     engine: str | None  # None: forward to the region's router (a peer)
     headroom: float
     predicted_ttft_s: float | None = None  # set only when the request asked (RoutedRequest.explain)
+    # Late binding (policies/predictive.py), on the first candidate only: no engine can start this
+    # request's prefill in its next step, so the policy would rather it wait here, at most this many
+    # seconds (its TTFT slack). <= 0: it can no longer meet its TTFT SLO (refuse it). None: send now.
+    # The ranking is valid either way, for a caller that does not hold requests.
+    hold_s: float | None = None
 
     @property
     def target(self) -> str:
@@ -130,6 +136,7 @@ class PolicyConfig:
     ttft_slo_s: float = 2.0  # the SLO the predicting policy aims at
     tpot_slo_s: float = 0.1
     seed: int = 0  # randomised baselines (power-of-two)
+    late_binding: bool = True  # the predicting policy may hold requests (Candidate.hold_s)
 
     @classmethod
     def from_settings(cls, settings, tpot_slo_s: float, ttft_slo_s: float = 2.0) -> PolicyConfig:
@@ -141,11 +148,13 @@ class PolicyConfig:
             itl_limit_s=settings.pace_fraction * tpot_slo_s,
             ttft_slo_s=ttft_slo_s,
             tpot_slo_s=tpot_slo_s,
+            late_binding=settings.late_binding,
         )
 
 
 class Policy(Protocol):
-    """Orders where a request may go. An empty list means nothing fits now (queue, then 429)."""
+    """Orders where a request may go. An empty list means nothing fits now (queue, then 429). A first
+    candidate with `hold_s` set asks the caller to hold the request (late binding)."""
 
     name: str
 

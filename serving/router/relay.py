@@ -354,6 +354,7 @@ async def pump(
             stream.settle()  # parse only until the first token
             relay.progress()
             if stream.tokens > tokens_before or stream.finished:
+                router.prefill_done()
                 return await relay.push()
     except (TimeoutError, OSError) as exc:
         return False, f"{type(exc).__name__}"

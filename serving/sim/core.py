@@ -119,6 +119,10 @@ class _Job:
     return_s: float = 0.0  # engine -> client latency of the current placement
     sent_tokens: int = 0  # output tokens the client has (for a continuation)
     queued_until: float | None = None
+    arrived_at: float = 0.0  # model time it reached its router (waited_s counts from here)
+    held_at: str | None = None  # the router holding it (late binding: Candidate.hold_s), with the
+    held_hop_s: float = 0.0  # latency from that router back to the client
+    was_held: bool = False
     done: bool = False
     live: Request | None = None  # the engine request now serving this job
     forwarded_by: str | None = None  # the router that forwarded it to a peer (its ledger counts it)
@@ -217,6 +221,8 @@ class SimResult:
     kv_series: dict[str, list[tuple[float, float]]]
     events: list[tuple[float, str]]
     failed_during_failure: int
+    held: int = 0  # requests held at a router (late binding) at least once
+    refused_held: int = 0  # of them, refused (429) once their TTFT slack was spent
 
     @property
     def speed(self) -> float:
@@ -229,6 +235,8 @@ class SimResult:
             "preemptions": self.preemptions,
             "recomputed_tokens": self.recomputed_tokens,
             "prefix_hit_rate": self.prefix_hit_rate,
+            "held": self.held,
+            "refused_held": self.refused_held,
             "cost_per_million_tokens_usd": self.cost_per_million_tokens,
             "sim_speed_x": round(self.speed, 1),
             "utilisation": {k: round(v, 3) for k, v in self.utilisation.items()},
@@ -364,6 +372,8 @@ class Simulator:
         self._sample_step = self.cfg.kv_sample_s or max(self.scrape_s, duration / 120.0)
         self.kv_series: dict[str, list[tuple[float, float]]] = {k: [] for k in self.routers}
         self._open_jobs = 0
+        self.held = 0  # late binding's counts (SimResult.held, refused_held)
+        self.refused_held = 0
         self._arrivals_left = len(items)
         self._lost_preemptions = 0  # counters of engines that died with their region
         self._lost_recomputed = 0
@@ -425,6 +435,7 @@ class Simulator:
         if item.hash_ids:
             job.hashes = _block_hashes(item.hash_ids, prompt, self.engines[0].engine.block_size)
             job.prefix = chain(item.hash_ids[: prompt // MOONCAKE_BLOCK_TOKENS])
+        job.arrived_at = now
         self.jobs.append(job)
         self._open_jobs += 1
         self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
@@ -525,8 +536,12 @@ class Simulator:
             prefix=job.prefix,
             prefix_block_tokens=MOONCAKE_BLOCK_TOKENS,
             key=job.item.id,
+            waited_s=now - job.arrived_at,
         )
         cands = router.policy.choose(routed, self._views(router, now), self._region_views(router), now)
+        if cands and cands[0].hold_s is not None:
+            self._hold(job, router, now, cands[0].hold_s, hop_s)
+            return
         while cands and job.attempts <= self.retry_budget:
             cand = cands.pop(0)
             if cand.engine is None:
@@ -573,6 +588,41 @@ class Simulator:
             self.loop.schedule(job.queued_until, self._on_queue_timeout, job)
         if job not in router.queue:
             router.queue.append(job)
+
+    def _hold(self, job: _Job, router: _Router, now: float, hold_s: float, hop_s: float) -> None:
+        """Late binding, as the gateway's admission does it: the request waits at `router` (a peer
+        too, for a forwarded one) until a prefill there completes or data refreshes, for at most
+        `hold_s`; past its slack, or with the queue full, it is refused (429)."""
+        if not job.was_held:
+            job.was_held = True
+            self.held += 1
+        if hold_s <= 0 or (job not in router.queue and len(router.queue) >= self.queue_max):
+            self.refused_held += 1
+            self._reject(job, now)
+            return
+        job.held_at, job.held_hop_s = router.key, hop_s
+        until = now + hold_s
+        if job.queued_until is None or abs(until - job.queued_until) > 1e-9:  # one timer per deadline
+            job.queued_until = until
+            self.loop.schedule(until, self._on_queue_timeout, job)
+        if job not in router.queue:
+            router.queue.append(job)
+
+    def _wake(self, router: _Router, now: float) -> None:
+        """Queued requests get another look (new data, a completed prefill, freed room)."""
+        if not router.queue:
+            return
+        waiting = list(router.queue)
+        router.queue.clear()
+        for job in waiting:
+            if job.done:
+                continue
+            if job.held_at is not None:
+                held_at, hop_s = job.held_at, job.held_hop_s
+                job.held_at = None
+                self._route(job, router, now, allow_remote=held_at == job.router, hop_s=hop_s)
+            else:
+                self._route(job, router, now, allow_remote=True, hop_s=0.0)
 
     def _on_engine_in(self, job: _Job, where: tuple) -> None:
         now = self.loop.now
@@ -621,7 +671,9 @@ class Simulator:
         job, router_key, _ = _placement(req)
         if job.live is not req:
             return  # an engine that died with its region finishing its last window
-        self.routers[router_key].ledger.progress(job, req.prompt_len + 1)
+        router = self.routers[router_key]
+        router.ledger.progress(job, req.prompt_len + 1)
+        self._wake(router, t)  # its prefill is done: a held request may now start
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s
             job.rec.ttft_s = job.first_token_at - job.item.at_s
@@ -679,6 +731,14 @@ class Simulator:
     def _on_queue_timeout(self, job: _Job) -> None:
         now = self.loop.now
         if job.done or job.queued_until is None or job.queued_until > now + 1e-9:
+            return
+        if job.held_at is not None:  # its TTFT slack is spent: a last look, then 429
+            router = self.routers[job.held_at]
+            if job in router.queue:
+                router.queue.remove(job)
+                held_at, hop_s = job.held_at, job.held_hop_s
+                job.held_at = None
+                self._route(job, router, now, allow_remote=held_at == job.router, hop_s=hop_s)
             return
         router = self.routers[job.router]
         if job in router.queue:
@@ -765,12 +825,7 @@ class Simulator:
                     router.ledger.covered(key, now)  # the fresh summaries include what was forwarded
         # queued requests get another look with the new data (the gateway wakes its queue per round)
         for router in self.routers.values():
-            if router.queue:
-                waiting = list(router.queue)
-                router.queue.clear()
-                for job in waiting:
-                    if not job.done:
-                        self._route(job, router, now, allow_remote=True, hop_s=0.0)
+            self._wake(router, now)
 
     def _on_sample(self, now: float) -> None:
         for key, router in self.routers.items():
@@ -866,6 +921,8 @@ class Simulator:
             kv_series=self.kv_series,
             events=self.events,
             failed_during_failure=failed_in,
+            held=self.held,
+            refused_held=self.refused_held,
         )
 
 

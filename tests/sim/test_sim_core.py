@@ -200,3 +200,21 @@ def test_prefix_affinity_reuses_the_longest_prefix(example_fleet):
         hit[p] = r.prefix_hit_rate
     assert hit["prefix-affinity"] > hit["round-robin"] + 0.1
     assert hit["default"] > hit["round-robin"] + 0.1
+
+
+def test_late_binding_holds_a_burst_at_the_router_and_keeps_more_within_slo(example_fleet):
+    # A load the three engines cannot all take at once: with late binding the router holds requests
+    # no engine can start in its next step, and refuses those whose TTFT slack runs out.
+    items = loadgen.synthetic("code", 120, 6, 3)
+    runs = {}
+    for late in (True, False):
+        fleet = example_fleet.model_copy(
+            update={"router": example_fleet.router.model_copy(update={"late_binding": late})}
+        )
+        runs[late] = Simulator(fleet, SimConfig(policy="default", engines_per_region=1, regions=DEMO)).run(items)
+    on, off = runs[True], runs[False]
+    assert on.held > 0 and off.held == 0
+    assert on.summary.rejected == on.refused_held  # every 429 here is a request whose slack ran out
+    assert on.summary.failed == off.summary.failed == 0
+    assert on.summary.requests == off.summary.requests == len(items)  # none lost
+    assert on.summary.slo_attainment > off.summary.slo_attainment + 0.05

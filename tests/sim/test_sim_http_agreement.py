@@ -23,7 +23,7 @@ def slice_items(traces_dir):
     return loadgen.assign_clients(items, list(REGIONS))
 
 
-@pytest.mark.parametrize("policy", ["round-robin", "headroom"])
+@pytest.mark.parametrize("policy", ["round-robin", "headroom", "default"])
 def test_goodput_agrees(policy, slice_items, example_fleet, tmp_path):
     setup = Setup(example_fleet, REGIONS, engines_per_region=1, num_gpu_blocks=BLOCKS)
     sim = sim_run(setup, slice_items, policy, "conv", 1.0).summary

@@ -19,6 +19,21 @@ from the engine's own inter-token latency (`predict.Corrections`). Then:
   with risk(x) a logistic step at x = RISK_CENTER (width RISK_WIDTH; below 1 because requests that
   arrive later stretch the steps further).
 
+Late binding (`PolicyConfig.late_binding`, on by default): an engine is not feasible for a request
+whose prompt would not start in the engine's next step: the prompt tokens this router sent there and
+has no first token for yet (its ledger: exact and fresh, where a scraped queue is a scrape old) plus
+the request's uncached tokens, past the engine's chunk (`max_num_batched_tokens`); an engine with
+nothing pending takes any prompt. vLLM fills each step with waiting prefill up to that chunk, and a
+full chunk takes longer than a TPOT target (144-203 ms for Llama-8B on an L40S, A100 or H100 in the
+engine model), so a queue there slows every request decoding on that engine, and a request queued
+inside an engine cannot move to another one that frees first. When no engine anywhere is feasible, the first
+candidate carries `hold_s`: the caller holds the request (gateway admission, the simulator) and asks
+again when a prefill completes or data refreshes, for at most its TTFT slack (the SLO less its own
+prefill alone, less what it has waited). A request still held then cannot meet its TTFT SLO: it is
+refused (429), which frees its work for requests that still can (Mooncake's prediction-based early
+rejection, FAST '25, is the same idea at the cluster's entry). A request that could not meet the
+SLO even on an idle engine is never held: it is served, best effort.
+
 Peer regions are predicted from the engines their summaries describe (`RegionView.engines`); a
 request spills to a peer only where the peer predicts better: feasible where nothing here is, or
 feasible and clearly less loaded for its speed (SPILL_LOAD), or, with nothing feasible anywhere,
@@ -35,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import itemgetter
 
 from gpufleet.serving.router.policies._base import prompt_tokens
@@ -120,9 +135,10 @@ class PredictivePolicy:
     name: str = "predictive"
     index: PrefixIndex = field(default_factory=PrefixIndex)
     corrections: Corrections = field(default_factory=Corrections)
-    # when a list: each decision appends (request key, engine, predicted TTFT s, predicted TPOT s) for
-    # the first candidate, to check the prediction against what happened (results_sim.py)
-    log: list[tuple[object | None, str, float, float]] | None = None
+    # when a list: each decision appends (request key, engine, predicted TTFT s, predicted TPOT s, the
+    # decision's time) for the first candidate, to check the prediction against what happened
+    # (results_sim.py); a held request is logged when it is sent
+    log: list[tuple[object | None, str, float, float, float]] | None = None
     _states: dict = field(default_factory=dict, repr=False)  # id(view) -> (view, _state)
 
     def score(
@@ -148,6 +164,9 @@ class PredictivePolicy:
             own = tpot / tpot_slo
         risk = (_risk(own) if own > RISK_FLOOR else 0.0) + SPEED_TIE * own
         feasible = own <= FEASIBLE_AT
+        sent = e.pending_prefill_tokens  # the ledger's: exact and fresh, unlike the scraped queue
+        if config.late_binding and sent and sent + prompt - cached > prof.chunk:
+            feasible = False  # late binding: its prefill would not start in the engine's next step
         if running and after > before:
             risk += HARM_WEIGHT * running * (after - before) / tpot_slo
             if after > tpot_slo and after > FEASIBLE_HARM * before:
@@ -249,6 +268,13 @@ class PredictivePolicy:
         ranked += [Candidate(e.region, eid, room) for _, eid, e, room in fits[rest:]]  # not scored: by load
         ranked += [Candidate(reg, eid, room) for _, eid, reg, room in risky]
         ranked += [c for _, _, c in after]
+        if config.late_binding and risky and not feasible and not ahead:
+            # Nothing anywhere can take it well now: hold it while it could still meet its TTFT on
+            # an engine that frees up (its prefill there alone), unless it never could (best effort).
+            alone = min(own_cache.values(), default=math.inf)
+            if alone <= config.ttft_slo_s:
+                ranked[0] = replace(ranked[0], hold_s=config.ttft_slo_s - alone - request.waited_s)
+                return ranked  # not sent: nothing to record or explain yet
         eid = ranked[0].engine if ranked else None
         if eid is not None:
             if request.prefix:
@@ -256,9 +282,9 @@ class PredictivePolicy:
             if self.log is not None or request.explain:
                 predicted = self._predict(request, eid, engines, prompt, out, hits)
                 if predicted is not None and self.log is not None:
-                    self.log.append((request.key, eid, *predicted))
+                    self.log.append((request.key, eid, *predicted, now))
                 if predicted is not None and request.explain:
-                    ranked[0] = Candidate(ranked[0].region, eid, ranked[0].headroom, predicted[0])
+                    ranked[0] = replace(ranked[0], predicted_ttft_s=predicted[0])
         return ranked
 
     def _predict(self, request: RoutedRequest, eid: str, engines: Sequence[EngineView], prompt: int, out: int,

@@ -1,0 +1,131 @@
+"""Late binding (policies/predictive.py, admission.py): a request waits at the router while no engine
+can start its prefill in its next step, and is refused once it can no longer meet its TTFT SLO."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from gpufleet.serving.router.parsing import HOP_HEADER, WAITED_HEADER
+from gpufleet.serving.router.policy import EngineView, PolicyConfig, RegionView, RoutedRequest, make_policy
+from gpufleet.serving.router.predict import profile_for
+
+from .harness import RegionSpec, ask, router_metric, start_fleet
+
+NOW = 50.0
+H100 = profile_for("llama-3.1-8b", "H100-80GB")
+L40S = profile_for("llama-3.1-8b", "L40S")
+HERE = [RegionView("r", local=True)]
+
+
+def _view(eid, region="r", profile=H100, **kw):
+    base = dict(id=eid, region=region, free_tokens=200_000.0, capacity_tokens=profile.capacity_tokens,
+                sampled_at=NOW, profile=profile)  # fmt: skip
+    base.update(kw)
+    return EngineView(**base)
+
+
+def _req(prompt=3000, out=100, **kw):
+    return RoutedRequest(need_tokens=prompt + out, prompt_tokens=prompt, max_tokens=out, **kw)
+
+
+def _choose(views, req=None, regions=HERE, config=None):
+    pol = make_policy("predictive", config or PolicyConfig(ttft_slo_s=2.0))
+    return pol.choose(req or _req(), views, regions, NOW)
+
+
+def test_a_request_waits_while_every_engine_has_a_full_chunk_queued():
+    # Both engines have more queued prefill than their next step takes with this prompt.
+    busy = [_view("h", pending_prefill_tokens=H100.chunk - 1000, outstanding=3),
+            _view("l", profile=L40S, pending_prefill_tokens=L40S.chunk, outstanding=2)]  # fmt: skip
+    out = _choose(busy)
+    assert out[0].hold_s is not None
+    # its slack: the SLO less its own prefill alone on the faster engine
+    assert out[0].hold_s == pytest.approx(2.0 - H100.prefill_s(3000), abs=1e-6)
+    assert {c.engine for c in out} == {"h", "l"}  # the ranking stays usable
+    assert all(c.hold_s is None for c in out[1:])
+    # what it has waited already comes off its slack; past it, the policy says refuse
+    assert _choose(busy, _req(waited_s=0.5))[0].hold_s == pytest.approx(out[0].hold_s - 0.5, abs=1e-6)
+    assert _choose(busy, _req(waited_s=2.0))[0].hold_s <= 0
+
+
+def test_an_engine_that_can_start_the_prefill_now_takes_it_at_once():
+    busy = _view("h", pending_prefill_tokens=H100.chunk, outstanding=3)
+    room = _view("h2", pending_prefill_tokens=H100.chunk - 3000, outstanding=1)  # just fits its next step
+    out = _choose([busy, room])
+    assert out[0].engine == "h2" and out[0].hold_s is None
+    # nothing queued: any prompt is taken, even one longer than a chunk
+    idle = _view("idle", profile=L40S)
+    out = _choose([busy, idle], _req(prompt=L40S.chunk * 2))
+    assert out[0].engine == "idle" and out[0].hold_s is None
+
+
+def test_no_hold_when_disabled_or_when_the_slo_was_never_reachable():
+    busy = [_view("h", pending_prefill_tokens=H100.chunk, outstanding=3)]
+    assert _choose(busy, config=PolicyConfig(late_binding=False))[0].hold_s is None
+    # a prompt whose prefill alone takes longer than the TTFT SLO is served, best effort
+    tight = PolicyConfig(ttft_slo_s=0.5 * H100.prefill_s(3000))
+    assert _choose(busy, config=tight)[0].hold_s is None
+
+
+def test_a_peer_that_can_start_it_now_gets_it_instead_of_a_hold():
+    busy = _view("h", region="a", pending_prefill_tokens=H100.chunk, outstanding=3)
+    ready = _view("p", region="b")
+    regions = [RegionView("a", local=True),
+               RegionView("b", remote=True, summarized_at=NOW, healthy_engines=1, largest_free_tokens=2e5,
+                          free_tokens=2e5, rtt_s=0.06, engines=(ready,))]  # fmt: skip
+    out = _choose([busy], regions=regions)
+    assert out[0].region == "b" and out[0].engine is None and out[0].hold_s is None
+    # the same peer, as busy as here: the request waits here
+    regions[1] = replace(regions[1], engines=(replace(ready, pending_prefill_tokens=H100.chunk),))
+    assert _choose([busy], regions=regions)[0].hold_s is not None
+
+
+def _run(coro):
+    asyncio.run(coro)
+
+
+ONE_H100 = (RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=4096),)
+LONG = "gpu " * 2900  # ~3,000 prompt tokens: three of them do not fit one H100 step (8,192 tokens)
+
+
+def test_a_burst_waits_at_the_router_and_every_request_is_served(tmp_path):
+    async def main():
+        bed = await start_fleet(tmp_path, ONE_H100, time_scale=1, router={"queue_wait_s": 5.0})
+        url = bed["aws-us-east-1"].url
+        try:
+            answers = await asyncio.gather(*(ask(bed.session, url, LONG, max_tokens=8) for _ in range(12)))
+            assert all(a.complete for a in answers), [a.error for a in answers if not a.complete]
+            held = await router_metric(bed.session, url, "gpufleet_router_held_total", outcome="sent")
+            assert held >= 3  # the engine got the burst as its steps could start it, not all at once
+            assert await router_metric(bed.session, url, "gpufleet_router_held_total", outcome="refused") == 0
+        finally:
+            await bed.close()
+
+    _run(main())
+
+
+def test_a_request_that_can_no_longer_meet_its_ttft_is_refused_not_lost(tmp_path):
+    async def main():
+        # TTFT SLO 120 ms: the router expects ~75 ms for one of these prompts alone, so of a burst of 30
+        # only the first few can make it
+        bed = await start_fleet(tmp_path, ONE_H100, time_scale=1, slo_ttft_ms=120, router={"queue_wait_s": 5.0})
+        url = bed["aws-us-east-1"].url
+        try:
+            answers = await asyncio.gather(*(ask(bed.session, url, LONG, max_tokens=8) for _ in range(30)))
+            refused = [a for a in answers if a.status == 429]
+            assert refused and all("time-to-first-token" in (a.error or "") for a in refused)
+            served = [a for a in answers if a.status != 429]
+            assert served and all(a.complete for a in served)  # the rest served in full
+            assert len(refused) == await router_metric(
+                bed.session, url, "gpufleet_router_held_total", outcome="refused"
+            )
+            # A forwarded request says how long its origin had it; nonsense there is the sender's fault.
+            bad = await ask(bed.session, url, headers={HOP_HEADER: "aws-us-east-1", WAITED_HEADER: "nan"})
+            assert bad.status == 400 and WAITED_HEADER in bad.error
+        finally:
+            await bed.close()
+
+    _run(main())
+
