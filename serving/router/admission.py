@@ -11,9 +11,9 @@ When the policy finds no candidate the answer depends on whether waiting can hel
 
 When the policy holds a request (late binding, `Candidate.hold_s`: no engine can start its prefill
 in its next step), it waits here, a forwarded one too (this router sees its own engines' prefills
-complete; the origin would not), and is asked about again at every scrape round and whenever a
-prefill or an answer completes here. Once its TTFT slack is spent, or with the queue full, it is
-refused: 429 + Retry-After.
+complete; the origin would not), in line: when a prefill or an answer completes here the oldest
+held requests are asked about again (`Router.wake_held`), and all of them at every scrape round.
+Once its TTFT slack is spent, or with the queue full, it is refused: 429 + Retry-After.
 """
 
 from __future__ import annotations
@@ -156,9 +156,10 @@ async def hold(router: Router, job: Job, routed: RoutedRequest, hold_s: float) -
         router.queued_tokens += job.routed.need_tokens
         try:
             until = min(job.deadline, router.clock() + hold_s / s.time_scale)
+            order = router.held_order()  # its place in line, kept while it waits
             while (left := until - router.clock()) > 0:
                 try:
-                    await asyncio.wait_for(router.room_event().wait(), left)
+                    await asyncio.wait_for(router.held_waiter(order), left)
                 except TimeoutError:
                     pass
                 cands = router.choose(replace(routed, waited_s=waited_s(job, s.time_scale)))
@@ -166,6 +167,7 @@ async def hold(router: Router, job: Job, routed: RoutedRequest, hold_s: float) -
                     again = cands[0].hold_s
                     if again is None:
                         router.metrics.held.labels("sent").inc()
+                        router.wake_held(1)  # its look passes to the next in line
                         return cands
                     if again <= 0:
                         break

@@ -19,6 +19,8 @@ goes away cancels its request upstream (the upstream connection is closed, so vL
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import os
 import socket
 import time
@@ -47,6 +49,7 @@ from gpufleet.serving.router.parsing import (
     read_body,
 )
 from gpufleet.serving.router.policy import (
+    HELD_LOOKS_PER_PREFILL,
     BreakerState,
     Candidate,
     EngineView,
@@ -181,6 +184,11 @@ class Router:
         self.queued_tokens = 0  # the demand (need_tokens) of the requests in `queued`
         self.unmet = UnmetDemand()  # spilled and refused demand, for /scale
         self._room = asyncio.Event()
+        # late binding's held requests: a heap of (order held, tie, waiter), oldest first (`wake_held`);
+        # `tie` keeps two waiters of one request apart (a timed-out one stays until popped)
+        self._held: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._held_order = itertools.count()
+        self._held_ties = itertools.count()
         self._views: dict[str, tuple[EngineView, Sample | None]] = {}  # engine_views' cache
         self._waits: dict[str, set[Response]] = {}  # engine -> answers awaited from it (watchers)
         self.metrics = RouterMetrics(self, clock)
@@ -391,6 +399,7 @@ class Router:
     def _on_round(self) -> None:
         self._expire_hung()
         self._wake_queue()
+        self.wake_held(None)
 
     def _wake_queue(self) -> None:
         self._room.set()
@@ -698,10 +707,31 @@ class Router:
                 self.unmet.spill_started(key, job.routed.need_tokens, now)
 
     def prefill_done(self) -> None:
-        """A request's first token came (or its answer ended): a request held for late binding may
-        now start."""
-        if self.queued:
-            self._wake_queue()
+        """A request's first token came (or its answer ended): requests held for late binding may
+        now start; the oldest get another look (`policy.HELD_LOOKS_PER_PREFILL`)."""
+        if self._held:
+            self.wake_held(HELD_LOOKS_PER_PREFILL)
+
+    def held_order(self) -> int:
+        """A held request's place in line, kept while it waits."""
+        return next(self._held_order)
+
+    def held_waiter(self, order: int) -> asyncio.Future[None]:
+        """What a held request waits on until `wake_held` reaches its place."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._held, (order, next(self._held_ties), waiter))
+        return waiter
+
+    def wake_held(self, n: int | None) -> None:
+        """Wake the `n` oldest held requests (None: all). One that is sent calls this with 1, so
+        that its look passes to the next in line."""
+        held = self._held
+        while held and (n is None or n > 0):
+            _, _, waiter = heapq.heappop(held)
+            if not waiter.done():  # a waiter whose wait timed out is cancelled
+                waiter.set_result(None)
+                if n is not None:
+                    n -= 1
 
     def note_done(self, cand: Candidate, key: object) -> None:
         self.ledger.done(key)

@@ -35,6 +35,7 @@ from gpufleet.serving.engine.virtual import VirtualEngine, VirtualLoop
 from gpufleet.serving.loadgen import WorkItem
 from gpufleet.serving.outcomes import FAILED, OK, REJECTED, RequestRecord, Summary, summarize
 from gpufleet.serving.router.policy import (
+    HELD_LOOKS_PER_PREFILL,
     EngineView,
     OptimisticLedger,
     PolicyConfig,
@@ -189,7 +190,8 @@ class _Router:
         self.ledger = OptimisticLedger()
         self.outstanding: dict[str, int] = {}
         self.down: set[str] = set()  # engines this router saw fail since their last good scrape
-        self.queue: deque[_Job] = deque()
+        self.queue: deque[_Job] = deque()  # waiting for room (KV), looked at every scrape round
+        self.held: deque[_Job] = deque()  # held by late binding, oldest first
         self.summary: dict | None = None
         self.peer_engines: tuple = ()  # the EngineViews its summary describes (predictive policy)
         self.summary_at: float | None = None
@@ -500,7 +502,7 @@ class Simulator:
                     largest_free_tokens=min(s["largest"], free),
                     largest_fit_tokens=s["fit"] - router.ledger.pending(key),
                     healthy_engines=s["healthy"],
-                    queue=len(other.queue),
+                    queue=len(other.queue) + len(other.held),
                     summarized_at=other.summary_at,
                     rtt_s=rtt,
                     engines=other.peer_engines,  # the policy adds rtt_s
@@ -596,7 +598,7 @@ class Simulator:
         if not job.was_held:
             job.was_held = True
             self.held += 1
-        if hold_s <= 0 or (job not in router.queue and len(router.queue) >= self.queue_max):
+        if hold_s <= 0 or len(router.queue) + len(router.held) >= self.queue_max:
             self.refused_held += 1
             self._reject(job, now)
             return
@@ -605,23 +607,41 @@ class Simulator:
         if job.queued_until is None or abs(until - job.queued_until) > 1e-9:  # one timer per deadline
             job.queued_until = until
             self.loop.schedule(until, self._on_queue_timeout, job)
-        if job not in router.queue:
-            router.queue.append(job)
+        router.held.append(job)
+
+    def _unhold(self, job: _Job, router: _Router, now: float) -> None:
+        """Another look at a held request (out of `router.held`): sent, held again (at the back), or refused."""
+        held_at, hop_s = job.held_at, job.held_hop_s
+        job.held_at = None
+        self._route(job, router, now, allow_remote=held_at == job.router, hop_s=hop_s)
+
+    def _wake_held(self, router: _Router, now: float) -> None:
+        """A prefill completed at `router`, as the gateway wakes its held requests: oldest first,
+        until HELD_LOOKS_PER_PREFILL of them are still held; those keep their places."""
+        held = router.held
+        still: list[_Job] = []
+        while held and len(still) < HELD_LOOKS_PER_PREFILL:
+            job = held.popleft()
+            if job.done or job.held_at is None:
+                continue
+            self._unhold(job, router, now)
+            if job.held_at is not None:  # held again (appended): back to its place
+                held.pop()
+                still.append(job)
+        held.extendleft(reversed(still))
 
     def _wake(self, router: _Router, now: float) -> None:
-        """Queued requests get another look (new data, a completed prefill, freed room)."""
+        """A scrape round: every queued and held request gets another look (new data, freed room)."""
+        held, router.held = router.held, deque()
+        for job in held:
+            if not job.done and job.held_at is not None:
+                self._unhold(job, router, now)
         if not router.queue:
             return
         waiting = list(router.queue)
         router.queue.clear()
         for job in waiting:
-            if job.done:
-                continue
-            if job.held_at is not None:
-                held_at, hop_s = job.held_at, job.held_hop_s
-                job.held_at = None
-                self._route(job, router, now, allow_remote=held_at == job.router, hop_s=hop_s)
-            else:
+            if not job.done:
                 self._route(job, router, now, allow_remote=True, hop_s=0.0)
 
     def _on_engine_in(self, job: _Job, where: tuple) -> None:
@@ -673,7 +693,7 @@ class Simulator:
             return  # an engine that died with its region finishing its last window
         router = self.routers[router_key]
         router.ledger.progress(job, req.prompt_len + 1)
-        self._wake(router, t)  # its prefill is done: a held request may now start
+        self._wake_held(router, t)  # its prefill is done: a held request may now start
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s
             job.rec.ttft_s = job.first_token_at - job.item.at_s
@@ -734,11 +754,9 @@ class Simulator:
             return
         if job.held_at is not None:  # its TTFT slack is spent: a last look, then 429
             router = self.routers[job.held_at]
-            if job in router.queue:
-                router.queue.remove(job)
-                held_at, hop_s = job.held_at, job.held_hop_s
-                job.held_at = None
-                self._route(job, router, now, allow_remote=held_at == job.router, hop_s=hop_s)
+            if job in router.held:
+                router.held.remove(job)
+                self._unhold(job, router, now)
             return
         router = self.routers[job.router]
         if job in router.queue:

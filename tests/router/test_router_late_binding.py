@@ -129,3 +129,31 @@ def test_a_request_that_can_no_longer_meet_its_ttft_is_refused_not_lost(tmp_path
 
     _run(main())
 
+
+
+def test_held_requests_are_woken_oldest_first_and_a_timed_out_wait_is_skipped():
+    from gpufleet.serving.router.config import RegionInfo, RouterConfig
+    from gpufleet.serving.router.gateway import Router
+    from gpufleet.stacks.spec import RouterSettings
+
+    async def main():
+        here = RegionInfo("r0", "on-demand", "us", frozenset({"m"}), None, ("http://127.0.0.1:9",), None, None)
+        router = Router(RouterConfig(here, {"r0": here}, {"m": 4096}, RouterSettings(), "x" * 16, 500.0))
+        first, second, third = (router.held_order() for _ in range(3))
+        # the third in line starts waiting first; the line is by order held, not by who waited first
+        w3, w1, w2 = router.held_waiter(third), router.held_waiter(first), router.held_waiter(second)
+        w2.cancel()  # its wait timed out (wait_for cancels the waiter)
+        router.wake_held(1)
+        assert w1.done() and not w3.done()
+        router.wake_held(1)  # the cancelled one is passed over
+        assert w3.done()
+        # a request whose wait timed out while a little of its slack was left waits again in its
+        # place: two waiters of one order side by side
+        again = router.held_order()
+        stale = router.held_waiter(again)
+        stale.cancel()
+        fresh = router.held_waiter(again)
+        router.prefill_done()  # a completed prefill wakes the line
+        assert fresh.done() and not router._held
+
+    _run(main())
