@@ -147,7 +147,6 @@ async def start_fleet(
         "idle_timeout_s": 2.0,
         "queue_wait_s": 1.0,
         "breaker_cooldown_s": 1.0,
-        "time_scale": time_scale,  # late binding's TTFT slack is engine time
         **(router or {}),
     }
     engines: dict[str, list[EmulatorServer]] = {}
