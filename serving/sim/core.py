@@ -617,7 +617,10 @@ class Simulator:
 
     def _wake_held(self, router: _Router, now: float) -> None:
         """A prefill completed at `router`, as the gateway wakes its held requests: oldest first,
-        until HELD_LOOKS_PER_PREFILL of them are still held; those keep their places."""
+        until HELD_LOOKS_PER_PREFILL of them are still held; those keep their places. Unlike the
+        gateway, an answer's end does not wake them here: the gateway needs that for non-streamed
+        answers (their only sign of a prefill done), and every simulated request reports its first
+        token. A streamed answer's end there is one more look, which the simulator leaves out."""
         held = router.held
         still: list[_Job] = []
         while held and len(still) < HELD_LOOKS_PER_PREFILL:
