@@ -280,6 +280,7 @@ class Router:
                 pending_prefill_tokens=prefill_for,
                 recent_prompt_tokens=st.recent_prompt_tokens,
                 recent_itl_tokens=st.recent_itl_tokens,
+                ledger=self.ledger,
             )
             cache[url] = (view, s)
             out.append(view)

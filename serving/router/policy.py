@@ -58,6 +58,8 @@ class EngineView:
     # output tokens counted by the inter-token-latency histogram (its _count delta); None: unknown
     recent_prompt_tokens: float | None = None
     recent_itl_tokens: float | None = None
+    # this router's ledger, where the engine is its own: `fits` reads when its requests end
+    ledger: OptimisticLedger | None = None
 
     def age(self, now: float) -> float:
         return float("inf") if self.sampled_at is None else max(0.0, now - self.sampled_at)
@@ -144,6 +146,7 @@ class PolicyConfig:
     tpot_slo_s: float = 0.1
     seed: int = 0  # randomised baselines (power-of-two)
     late_binding: bool = True  # the predicting policy may hold requests (Candidate.hold_s)
+    exact_admission: bool = True  # its guard asks the ledger (`can_hold`); False: the headroom bound alone
 
     @classmethod
     def from_settings(cls, settings, tpot_slo_s: float, ttft_slo_s: float = 2.0) -> PolicyConfig:
@@ -185,6 +188,24 @@ def headroom(engine: EngineView, now: float, config: PolicyConfig) -> float:
     if waiting is None:
         waiting = engine.waiting * config.waiting_request_tokens
     return max(0.0, engine.free_tokens - engine.pending_tokens - waiting)
+
+
+def can_hold(engine: EngineView, need: float, out: float, now: float, config: PolicyConfig) -> bool:
+    """The admission guard: can the engine hold a request of `need` tokens (its prompt, then `out`
+    generated) without preempting anything? Yes when its headroom covers the whole demand; else,
+    with this router's ledger of the engine, when it does at every step counting the requests in
+    flight there that end first (`OptimisticLedger.fits`). Stale or down: no."""
+    if headroom(engine, now, config) >= need:
+        return True
+    ledger = engine.ledger
+    if ledger is None or not config.exact_admission or not engine.healthy or engine.age(now) > config.stale_after_s:
+        return False
+    waiting = engine.waiting_tokens
+    if waiting is None:
+        waiting = engine.waiting * config.waiting_request_tokens
+    # commitments here that this ledger does not itemise (other replicas', replicas.py)
+    others = max(0.0, engine.pending_tokens - ledger.pending(engine.id))
+    return ledger.fits(engine.id, engine.free_tokens - waiting - others, need - out, out)
 
 
 def recent_pace(
@@ -392,6 +413,43 @@ class OptimisticLedger:
                 self._prefill.pop(target, None)
             elif entry is not None:
                 self._add(target, -max(0.0, entry[1] - entry[2]))
+
+    def fits(self, target: str, room: float, prompt: float, out: float) -> bool:
+        """Would a new request fit in `room` tokens (the target's sampled free KV, less anything not
+        in this ledger) at EVERY step until it ends: its prompt at once, then one token per step up
+        to `out`? `pending` is the bound that counts every request's whole growth and none of their
+        ends. This is the peak under the same worst case (every answer runs to its max_tokens): each
+        request in flight here that has started grows one token per step until its demand is met
+        and frees what it holds the step after; one not started yet counts its whole demand, for
+        good (when it starts is not known). So an engine whose running requests end before a new
+        one has grown takes it without preempting any of them. Between ends the total only grows:
+        the peak is just before an end or at the new request's last token."""
+        entries = self._by_target.get(target)
+        if not entries:
+            return prompt + out <= room
+        fixed = 0.0  # the whole demand of the requests not started
+        ends = []  # (the step after its last token, tokens it holds now), for the started ones
+        for _, need, held, unprefilled in entries.values():
+            left = need - held if need > held else 0.0
+            if unprefilled > 0.0:
+                fixed += left
+            else:
+                ends.append((left + 1.0, held))
+        if fixed + sum(end - 1.0 for end, _ in ends) + prompt + out <= room:
+            return True  # within the bound (`pending`'s), no need to look closer
+        ends.sort()
+        growing = len(ends)
+        freed = 0.0
+        i = 0
+        for k in sorted({0.0, float(out), *(end - 1.0 for end, _ in ends)}):
+            while i < len(ends) and ends[i][0] <= k:
+                growing -= 1
+                freed += ends[i][1]
+                i += 1
+            mine = prompt + k if k <= out else 0.0
+            if fixed + k * growing - freed + mine > room:
+                return False
+        return True
 
     def covered(self, target: str, until: float) -> None:
         self._covered[target] = until

@@ -470,6 +470,7 @@ class Simulator:
                     pending_prefill_tokens=prefill(e.id),
                     recent_prompt_tokens=e.prompt_delta,
                     recent_itl_tokens=e.itl_delta,
+                    ledger=router.ledger,
                 )
             )
         return out

@@ -252,6 +252,58 @@ def test_ledger_counts_demand_not_yet_materialized():
     assert ledger.pending("a") == 0 and ledger.pending("never") == 0
 
 
+def test_ledger_fits_a_request_that_grows_after_the_running_ones_end():
+    """The exact peak, not the bound: a request in flight with 50 tokens left holds 850 of an engine's
+    1,000 (150 free). A new one of 40 + 100 tokens exceeds the bound (50 + 140 > 150) but needs at
+    most 140 more: 50 + 90 at the running one's last token, which then frees its 900. With 80 tokens
+    left it ends too late (then 80 + 120 > 150); a request not started yet counts its whole demand."""
+    ledger = OptimisticLedger()
+    ledger.routed("a", "running", 900, now=1.0, prefill_tokens=800)
+    ledger.progress("running", 850)  # started: prompt and 50 tokens in the cache
+    assert ledger.pending("a") == 50
+    assert ledger.fits("a", room=150, prompt=40, out=100) and ledger.fits("a", room=140, prompt=40, out=100)
+    assert not ledger.fits("a", room=139, prompt=40, out=100)
+    assert not ledger.fits("a", room=140, prompt=41, out=100)
+    ledger.routed("a", "running", 930, now=1.0, prefill_tokens=800)
+    ledger.progress("running", 850)  # 80 left
+    assert not ledger.fits("a", room=150, prompt=40, out=100)
+    assert ledger.fits("a", room=260, prompt=40, out=100)  # the bound: 80 + 140, and more room
+    ledger.routed("a", "queued", 100, now=2.0, prefill_tokens=60)  # not started: 100 for good
+    assert not ledger.fits("a", room=260, prompt=40, out=100)
+    assert ledger.fits("a", room=360, prompt=40, out=100)
+    assert ledger.fits("empty", room=140, prompt=40, out=100) and not ledger.fits("empty", 139, 40, 100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 400), st.booleans()), max_size=8),
+    st.integers(0, 300), st.integers(1, 300), st.integers(0, 3000),
+)  # fmt: skip
+def test_ledger_fits_only_what_a_step_by_step_replay_holds(flights, prompt, out, room):
+    """Against a replay of every step (each started request grows a token per step until its demand,
+    then frees what it holds; one not started holds its whole demand throughout): `fits` says yes
+    exactly when the replay never needs more than `room`, and always when the bound does."""
+    ledger = OptimisticLedger()
+    for i, (held, left, started) in enumerate(flights):
+        ledger.routed("a", i, held + left, now=0.0, prefill_tokens=0 if started else max(1, held))
+        if started:
+            ledger.progress(i, held)
+    peak = 0
+    for k in range(0, 1002):
+        use = prompt + k if k <= out else 0
+        for held, left, started in flights:
+            if not started:
+                use += held + left
+            elif k <= left:
+                use += k
+            else:
+                use -= held
+        peak = max(peak, use)
+    assert ledger.fits("a", room, prompt, out) == (peak <= room)
+    if ledger.pending("a") + prompt + out <= room:
+        assert ledger.fits("a", room, prompt, out)
+
+
 def test_optimistic_accounting_spreads_a_burst():
     """Between two scrapes, a burst goes to several engines, not all onto the roomiest one."""
     p, ledger = HeadroomPolicy(CFG), OptimisticLedger()

@@ -4,6 +4,7 @@ index, and the baselines' shared interface."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from gpufleet.serving.router.policies import BASELINES, POLICIES
@@ -77,6 +78,26 @@ def test_predictive_sends_a_long_prompt_to_the_fast_gpu_and_never_where_it_canno
     views[1] = _view("h100")
     out = pol.choose(req, views, [RegionView("r", local=True)], NOW)
     assert out[0].engine == "h100"
+
+
+def test_predictive_admits_where_the_running_requests_end_before_it_grows():
+    """The admission guard reads the router's ledger: an engine with 1,000 tokens free whose running
+    request has 50 tokens left takes a request of 600 + 400 (at most 700 more while that one runs,
+    and then it frees 8,950), which the headroom bound (50 + 1,000) would refuse."""
+    from gpufleet.serving.router.policy import OptimisticLedger
+
+    ledger = OptimisticLedger()
+    ledger.routed("e", "r1", 9000, NOW, prefill_tokens=8000)
+    ledger.progress("r1", 8950)
+    view = _view("e", free_tokens=1000.0, pending_tokens=ledger.pending("e"), running=1, ledger=ledger)
+    req = RoutedRequest(need_tokens=1000, prompt_tokens=600, max_tokens=400)
+    regions = [RegionView("r", local=True)]
+    pol = make_policy("predictive", PolicyConfig())
+    assert [c.engine for c in pol.choose(req, [view], regions, NOW)] == ["e"]
+    assert pol.choose(req, [replace(view, ledger=None)], regions, NOW) == []  # the bound alone
+    ledger.routed("e", "r2", 400, NOW, prefill_tokens=300)  # queued there, not started: all of it counts
+    view = replace(view, pending_tokens=ledger.pending("e"))
+    assert pol.choose(req, [view], regions, NOW) == []
 
 
 def test_predictive_spills_only_where_the_peer_predicts_better():

@@ -62,6 +62,7 @@ from gpufleet.serving.router.policy import (
     RoutedRequest,
     _allowed_regions,
     _fresh_peers,
+    can_hold,
     engine_usable,
     headroom,
 )
@@ -214,9 +215,9 @@ class PredictivePolicy:
             if region is None or (region.remote and not request.allow_remote) or not engine_usable(e, request):
                 continue
             seen.add(e.region)
-            room = headroom(e, now, config)
-            if room < need:
+            if not can_hold(e, need, out, now, config):
                 continue  # the admission guard: it cannot hold the request's KV
+            room = headroom(e, now, config)
             st = state(e)
             fits.append((st[8] if st is not None else math.inf, e.id, e, room))
         fits.sort(key=_LOAD_ID)
