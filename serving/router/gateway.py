@@ -707,6 +707,18 @@ class Router:
             if self.region not in self.drained_regions:  # spilled for lack of local room (/scale)
                 self.unmet.spill_started(key, job.routed.need_tokens, now)
 
+    def first_token(self, stream: Stream) -> None:
+        """A streamed answer's first token came: the TTFT the policy predicted for its engine is
+        measured (`predict.Correction.observe_ttft`), and held requests get a look."""
+        probe = stream.probe
+        if probe is not None:
+            stream.probe = None
+            observe = getattr(self.policy, "observe_ttft", None)
+            if observe is not None:
+                engine, predicted, sent = probe
+                observe(engine, predicted, (time.perf_counter() - sent) * self.config.settings.time_scale)
+        self.prefill_done()
+
     def prefill_done(self) -> None:
         """A request's first token came (or its answer ended): requests held for late binding may
         now start; the oldest get another look (`policy.HELD_LOOKS_PER_PREFILL`)."""
@@ -810,10 +822,11 @@ class Router:
         self.note_sent(cand, job, key)
         resp: Response | None = None
         finished = False  # the upstream answer was read to its end: its connection may be reused
+        sent = time.perf_counter()
         try:
             resp = await self.open_upstream(cand, job, job.body)
             if job.stream and resp.status == 200:
-                answer = await self._relay(request, job, cand, resp, key)
+                answer = await self._relay(request, job, cand, resp, key, sent)
                 finished = True
                 return answer
             try:
@@ -842,7 +855,7 @@ class Router:
             self.note_done(cand, key)
 
     async def _relay(
-        self, request: web.Request, job: Job, cand: Candidate, resp: Response, key: object
+        self, request: web.Request, job: Job, cand: Candidate, resp: Response, key: object, sent: float
     ) -> web.StreamResponse:
         response = EventStream(
             status=200,
@@ -852,6 +865,8 @@ class Router:
         out = ClientOut(request, response)
         await out.start()
         stream = Stream(key=key)
+        if cand.engine is not None and cand.predicted_ttft_s is not None:
+            stream.probe = (cand.engine, cand.predicted_ttft_s, sent)
         try:
             done, broke = await pump(self, job, resp, out, stream, False)
             if done:

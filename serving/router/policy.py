@@ -116,7 +116,9 @@ class Candidate:
     region: str
     engine: str | None  # None: forward to the region's router (a peer)
     headroom: float
-    predicted_ttft_s: float | None = None  # set only when the request asked (RoutedRequest.explain)
+    # the predicting policy's TTFT for it (engine seconds), where it has one: the gateway measures
+    # it (`observe_ttft`) and says it on the answer only when asked (RoutedRequest.explain)
+    predicted_ttft_s: float | None = None
     # Late binding (policies/predictive.py), on the first candidate only: no engine can start this
     # request's prefill in its next step, so the policy would rather it wait here, at most this many
     # seconds (its TTFT slack). <= 0: it can no longer meet its TTFT SLO (refuse it). None: send now.

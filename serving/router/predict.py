@@ -16,6 +16,14 @@ from `prompt_tokens_total`, spread over the interval's steps), so an engine slow
 figure (a throttled GPU, a noisy neighbour, a wrong calibration) is seen as slower; `f` is it over
 the pure decode step, so the prefill work that typically interleaves on that engine counts in its
 TPOT. Both are smoothed (EWMA) and bounded.
+
+A third correction is an offset on the TTFT: what the router measures for the requests it sends to
+an engine (from its send to the first token back, in engine seconds) less what it predicted, tracked
+at its median (each observation moves it a small step toward the residual, `OFFSET_STEP` of the
+prediction: robust to the one request in ten that waited behind a burst) and never below 0. It is
+the latency the engine model leaves out: the hops to the engine and back, the wait for the engine's
+current step to end, the engine's own HTTP and tokenizing. Only the router that sends to an engine
+measures it; a peer region's engines are predicted without it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,11 @@ MIN_FACTOR, MAX_FACTOR = 0.5, 5.0
 # the pace may at most double the model's decode step; a slow engine still shows in `speed`.
 MAX_PACE = 2.0
 EWMA = 0.3  # weight of the newest ratio
+# The TTFT offset: each observation moves it this fraction of the request's prediction (at least
+# OFFSET_FLOOR_S of it) toward the residual; it stays within [0, MAX_OFFSET_S].
+OFFSET_STEP = 0.05
+OFFSET_FLOOR_S = 0.02
+MAX_OFFSET_S = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,6 +150,18 @@ class Correction:
     speed: float = 1.0  # s: observed ITL / the model's step for what the engine ran (decode + prefill)
     pace: float = 1.0  # f: observed ITL / the model's pure decode step (prefill interleaving included)
     seen_at: float | None = None  # the sample these were last updated from
+    offset_s: float = 0.0  # the TTFT the router measured less what it predicted, at the median
+
+    def observe_ttft(self, predicted_s: float, measured_s: float) -> None:
+        """A request the router sent here got its first token `measured_s` after the send (engine
+        seconds); the policy had predicted `predicted_s`, this offset included."""
+        if not (math.isfinite(predicted_s) and math.isfinite(measured_s)):
+            return
+        step = OFFSET_STEP * max(predicted_s - self.offset_s, OFFSET_FLOOR_S)
+        if measured_s > predicted_s:
+            self.offset_s = min(MAX_OFFSET_S, self.offset_s + step)
+        elif measured_s < predicted_s:
+            self.offset_s = max(0.0, self.offset_s - step)
 
     def update(self, observed_itl_s: float | None, step_s: float, decode_step_s: float) -> None:
         if observed_itl_s is None or step_s <= 0 or not math.isfinite(observed_itl_s):
@@ -151,6 +176,13 @@ class Corrections:
     """The corrections of every engine a policy has seen, keyed by engine id."""
 
     by_engine: dict[str, Correction] = field(default_factory=dict)
+
+    def observe_ttft(self, engine_id: str, predicted_s: float, measured_s: float) -> None:
+        """What a request sent to `engine_id` measured against its prediction (`Correction.observe_ttft`)."""
+        c = self.by_engine.get(engine_id)
+        if c is None:
+            c = self.by_engine[engine_id] = Correction()
+        c.observe_ttft(predicted_s, measured_s)
 
     def observe(self, engine) -> Correction:
         """Update from a fresh sample of `engine` (a policy.EngineView), once per sample: its mean
@@ -188,8 +220,8 @@ def predict(profile: EngineProfile, *, running: int, ctx_tokens: float, queued_p
     """TTFT and TPOT of a request of `prompt` tokens (`cached` of them in the engine's prefix cache)
     and `max_tokens` output on an engine in this state (see the module text)."""
     return Prediction(*estimate(profile, running, ctx_tokens, queued_prefill, profile.prefill_s(prompt, cached),
-                                max(0, prompt - cached), prompt, max_tokens, rtt_s, corr.speed, corr.pace,
-                                running_remaining))  # fmt: skip
+                                max(0, prompt - cached), prompt, max_tokens, rtt_s + corr.offset_s, corr.speed,
+                                corr.pace, running_remaining))  # fmt: skip
 
 
 def estimate(profile: EngineProfile, running: int, ctx: float, queued: float, own_s: float, new: int, prompt: int,

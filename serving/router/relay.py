@@ -78,6 +78,9 @@ class Stream:
     # The original prompt's tokens as an engine's /tokenize counts them (continuation.py), when a
     # continued stream reports usage; None: not asked or not known.
     prompt_tokens: int | None = None
+    # (engine, the policy's predicted TTFT in engine seconds, when it was sent): the router measures
+    # the TTFT against it at the first token (`Router.first_token`); None: nothing to measure
+    probe: tuple[str, float, float] | None = None
 
     def add(self, events: bytes) -> None:
         """Keep a run of complete events (ending with a blank line) for a later parse: per chunk only
@@ -354,7 +357,7 @@ async def pump(
             stream.settle()  # parse only until the first token
             relay.progress()
             if stream.tokens > tokens_before or stream.finished:
-                router.prefill_done()
+                router.first_token(stream)
                 return await relay.push()
     except (TimeoutError, OSError) as exc:
         return False, f"{type(exc).__name__}"

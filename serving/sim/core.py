@@ -128,6 +128,9 @@ class _Job:
     live: Request | None = None  # the engine request now serving this job
     forwarded_by: str | None = None  # the router that forwarded it to a peer (its ledger counts it)
     prefix: tuple[int, ...] = ()  # chained hashes of its 512-token prompt blocks (prefix affinity)
+    # (the policy's predicted TTFT, when its router sent it, the router-engine latency): measured at
+    # its first token, as the gateway does (`Router.first_token`)
+    probe: tuple[float, float, float] | None = None
 
 
 class _Placement(NamedTuple):
@@ -568,6 +571,7 @@ class Simulator:
             router.outstanding[eng.id] = router.outstanding.get(eng.id, 0) + 1
             router.routed += 1
             lat = network.one_way_s(router.cloud_region, eng.cloud)
+            job.probe = None if cand.predicted_ttft_s is None else (cand.predicted_ttft_s, now, lat)
             self.loop.schedule(
                 now + lat, self._on_engine_in, job, ("engine", eng.id, hop_s + lat, router.key)
             )
@@ -692,11 +696,17 @@ class Simulator:
         eng.v.submit(req)
 
     def _first_token(self, req: Request, t: float) -> None:
-        job, router_key, _ = _placement(req)
+        job, router_key, eid = _placement(req)
         if job.live is not req:
             return  # an engine that died with its region finishing its last window
         router = self.routers[router_key]
         router.ledger.progress(job, req.prompt_len + 1)
+        if job.probe is not None:  # the TTFT its router measures: from its send to the token's return
+            predicted, sent, lat = job.probe
+            job.probe = None
+            observe = getattr(router.policy, "observe_ttft", None)
+            if observe is not None:
+                observe(eid, predicted, t + lat - sent)
         self._wake_held(router, t)  # its prefill is done: a held request may now start
         if job.first_token_at is None:
             job.first_token_at = t + job.return_s

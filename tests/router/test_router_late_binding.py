@@ -157,3 +157,28 @@ def test_held_requests_are_woken_oldest_first_and_a_timed_out_wait_is_skipped():
         assert fresh.done() and not router._held
 
     _run(main())
+
+
+def test_a_forwarded_request_is_held_at_the_peer_for_what_is_left_of_its_slack(tmp_path):
+    """A peer holds a forwarded request as its own, less what it waited at its origin (the waited
+    header): with its slack spent there it is refused at once, with its slack whole it waits its turn
+    and is served."""
+
+    async def main():
+        # TTFT SLO 5 s: a burst of 24 prompts of ~3,000 tokens takes ~2 s of H100 prefill, within it
+        bed = await start_fleet(tmp_path, ONE_H100, time_scale=1, slo_ttft_ms=5000, router={"queue_wait_s": 10.0})
+        url = bed["aws-us-east-1"].url
+        forwarded = {HOP_HEADER: "aws-us-east-1"}
+        try:
+            burst = [asyncio.create_task(ask(bed.session, url, LONG, max_tokens=8)) for _ in range(24)]
+            await asyncio.sleep(0.1)  # the engine has more queued than its next step starts, for ~2 s
+            spent = await ask(bed.session, url, LONG, max_tokens=8, headers={**forwarded, WAITED_HEADER: "4990"})
+            assert spent.status == 429 and "time-to-first-token" in (spent.error or "")
+            whole = await ask(bed.session, url, LONG, max_tokens=8, headers={**forwarded, WAITED_HEADER: "0"})
+            answers = await asyncio.gather(*burst)
+            assert whole.complete and all(a.complete for a in answers), [a.error for a in answers if not a.complete]
+            assert await router_metric(bed.session, url, "gpufleet_router_held_total", outcome="refused") == 1
+        finally:
+            await bed.close()
+
+    _run(main())

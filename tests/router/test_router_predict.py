@@ -69,6 +69,37 @@ def test_online_correction_sees_a_slow_engine_and_the_policy_avoids_it():
     assert slow.id != fast.id
 
 
+def test_the_ttft_offset_tracks_the_median_of_what_the_router_measured():
+    """What the engine model leaves out of a TTFT (the hops, the wait for the current step) is learnt
+    per engine from what the router measures: at the median, so the one request in ten that waited
+    behind a burst does not move it; never below 0; and the policy's predictions carry it."""
+    import random
+
+    rng = random.Random(7)
+    c = Correction()
+    for i in range(400):
+        predicted = 0.05 + c.offset_s  # the prediction includes the offset learnt so far
+        late = 1.0 if i % 10 == 0 else rng.uniform(-0.005, 0.005)
+        c.observe_ttft(predicted, 0.05 + 0.03 + late)  # 30 ms the model leaves out
+    assert c.offset_s == pytest.approx(0.03, abs=0.006)
+    for _ in range(200):  # predictions too high: the offset goes to 0, not below
+        c.observe_ttft(0.5 + c.offset_s, 0.1)
+    assert c.offset_s == 0.0
+    c.observe_ttft(float("nan"), 0.1)
+    c.observe_ttft(0.1, float("inf"))
+    assert c.offset_s == 0.0
+
+    pol = make_policy("predictive", PolicyConfig())
+    req = RoutedRequest(need_tokens=1200, prompt_tokens=1000, max_tokens=200)
+    base = pol.choose(req, [_view("e")], [RegionView("r", local=True)], NOW)[0].predicted_ttft_s
+    assert base is not None and base > 0
+    for _ in range(100):
+        predicted = pol.choose(req, [_view("e")], [RegionView("r", local=True)], NOW)[0].predicted_ttft_s
+        pol.observe_ttft("e", predicted, base + 0.04)
+    after = pol.choose(req, [_view("e")], [RegionView("r", local=True)], NOW)[0].predicted_ttft_s
+    assert after == pytest.approx(base + 0.04, abs=0.005)
+
+
 def test_predictive_sends_a_long_prompt_to_the_fast_gpu_and_never_where_it_cannot_fit():
     pol = make_policy("predictive", PolicyConfig(ttft_slo_s=2.0))
     views = [_view("l40s", profile=L40S), _view("h100", free_tokens=10_000.0)]
@@ -167,6 +198,7 @@ def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that
     from .harness import MODEL, TOKEN, start_fleet
 
     aws = "aws-us-east-1"
+    SEEDED = 0.2  # seconds: a TTFT offset as if earlier answers had been slower than predicted
 
     async def post(bed, stream: bool, explain: bool):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 4,
@@ -179,6 +211,9 @@ def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that
 
     async def main():
         bed = await start_fleet(tmp_path)
+        corrections = bed[aws].router.policy.corrections
+        for e in bed[aws].engines:
+            corrections.by_engine.setdefault(e.url, Correction()).offset_s = SEEDED
         try:
             for stream in (True, False):
                 region, predicted = await post(bed, stream, explain=True)
@@ -186,6 +221,9 @@ def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that
                 # a 300-word prompt on an idle H100: some milliseconds of prefill, well under a second
                 assert 0.1 < float(predicted) < 1000
                 assert (await post(bed, stream, explain=False))[1] is None
+            # the streamed answers' TTFTs were measured against their predictions: the emulators run
+            # 20x faster than their model, so the measured TTFT pulls the seeded offset down
+            assert any(corrections.by_engine[e.url].offset_s < SEEDED for e in bed[aws].engines)
             async with bed.session.post(bed[aws].url + "/admin/v1/drain", json={"region": aws},
                                         headers={"Authorization": f"Bearer {TOKEN}"}) as r:  # fmt: skip
                 assert r.status == 200

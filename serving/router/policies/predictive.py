@@ -1,11 +1,14 @@
 """The default policy, `predictive`: send each request where it is most likely to meet its SLO while
 doing the least harm to the requests already running there, judged in seconds per engine.
 
-For every engine that can hold the request (KV headroom stays the admission guard: a request that
-cannot fit is never sent), `predict.predict` gives its TTFT and TPOT from the engine's running
-batch, KV in use, prefill queued there, GPU type and TP (the engine model's step times), the prompt
-tokens it likely caches (longest prefix, `prefix.PrefixIndex`) and the round trip; corrected online
-from the engine's own inter-token latency (`predict.Corrections`). Then:
+For every engine that can hold the request (KV stays the admission guard, `policy.can_hold`: a
+request is never sent where it would make the engine preempt, judged from the headroom bound or,
+where that says no, from when the router's requests there end), `predict.predict` gives its TTFT
+and TPOT from the engine's running batch, KV in use, prefill queued there, GPU type and TP (the
+engine model's step times), the prompt tokens it likely caches (longest prefix,
+`prefix.PrefixIndex`) and the round trip; corrected online from the engine's own inter-token
+latency and from the TTFTs the router measured there (`predict.Corrections`; the caller reports
+them, `observe_ttft`). Then:
 
 * an engine is FEASIBLE when the request's predicted TTFT and TPOT are within the SLO and admitting
   it does not push the running batch's TPOT past the target (the harm: its prefill stalls them and
@@ -144,20 +147,20 @@ class PredictivePolicy:
 
     def score(
         self, e: EngineView, prompt: int, cached: int, out: int, own_s: float | None = None, rtt_s: float = 0.0
-    ) -> tuple[bool, float, float]:
-        """(feasible, expected SLO misses) of sending the request to `e` (see the module text): feasible
-        when its predicted TTFT and TPOT are within the SLO and the running batch's TPOT stays within
-        it too (or no worse than FEASIBLE_HARM x what it is). `own_s`: the request's prefill time on
-        this engine's profile, when the caller has it; `rtt_s`: a round trip on top of the view's (a
-        peer region's). No profile: (False, inf)."""
+    ) -> tuple[bool, float, float, float]:
+        """(feasible, expected SLO misses, SLO fraction, predicted TTFT) of sending the request to `e`
+        (see the module text): feasible when its predicted TTFT and TPOT are within the SLO and the
+        running batch's TPOT stays within it too (or no worse than FEASIBLE_HARM x what it is).
+        `own_s`: the request's prefill time on this engine's profile, when the caller has it; `rtt_s`:
+        a round trip on top of the view's (a peer region's). No profile: (False, inf, inf, inf)."""
         st = self._state(e, rtt_s)
         if st is None:
-            return False, math.inf, math.inf
-        prof, running, ctx, queued, rtt, speed, pace, remaining, _ = st
+            return False, math.inf, math.inf, math.inf
+        prof, running, ctx, queued, rtt, speed, pace, remaining, _, corr = st
         if own_s is None:
             own_s = prof.prefill_s(prompt, cached)
-        ttft, tpot, before, after = estimate(prof, running, ctx, queued, own_s, prompt - cached, prompt, out, rtt,
-                                             speed, pace, remaining)  # fmt: skip
+        ttft, tpot, before, after = estimate(prof, running, ctx, queued, own_s, prompt - cached, prompt, out,
+                                             rtt + corr.offset_s, speed, pace, remaining)  # fmt: skip
         config = self.config
         tpot_slo = config.tpot_slo_s
         own = ttft / config.ttft_slo_s
@@ -172,13 +175,14 @@ class PredictivePolicy:
             risk += HARM_WEIGHT * running * (after - before) / tpot_slo
             if after > tpot_slo and after > FEASIBLE_HARM * before:
                 feasible = False  # it would push the running batch past the TPOT target
-        return feasible, risk, own
+        return feasible, risk, own, ttft
 
     def _state(self, e: EngineView, rtt_s: float = 0.0) -> tuple | None:
         """What the prediction reads from `e`, once per view object (the router reuses a view while its
         sample and accounting are unchanged, so a decision over 1,000 engines recomputes only the
         ones that changed): (profile, running, context tokens, queued prefill, round trip, speed,
-        pace, remaining tokens, load). None without a profile. A view is always asked with the same
+        pace, remaining tokens, load, the engine's correction: its TTFT offset moves between samples,
+        read live). None without a profile. A view is always asked with the same
         `rtt_s` by one policy (one router's round trip to that peer)."""
         hit = self._states.get(id(e))
         if hit is not None and hit[0] is e:
@@ -189,7 +193,7 @@ class PredictivePolicy:
             corr = self.corrections.observe(e)
             ctx = e.kv_usage * prof.capacity_tokens
             st = (prof, e.running, ctx, _queued(e, self.config), e.rtt_s + rtt_s, corr.speed, corr.pace,
-                  _remaining(e), _load(e))  # fmt: skip
+                  _remaining(e), _load(e), corr)  # fmt: skip
         if len(self._states) > 16384:  # views of engines long gone
             self._states.clear()
         self._states[id(e)] = (e, st)
@@ -221,8 +225,8 @@ class PredictivePolicy:
             st = state(e)
             fits.append((st[8] if st is not None else math.inf, e.id, e, room))
         fits.sort(key=_LOAD_ID)
-        feasible: list[tuple] = []  # (load, id, score, region, room)
-        risky: list[tuple] = []  # (score, id, region, room)
+        feasible: list[tuple] = []  # (load, id, score, region, room, SLO fraction, predicted TTFT)
+        risky: list[tuple] = []  # (score, id, region, room, predicted TTFT)
         own_cache: dict = {}  # (profile, cached tokens) -> the request's prefill seconds there
         score = self.score
         rest = len(fits)
@@ -232,14 +236,14 @@ class PredictivePolicy:
             own_s = own_cache.get((prof, cached))
             if own_s is None and prof is not None:
                 own_s = own_cache[(prof, cached)] = prof.prefill_s(prompt, cached)
-            ok, sc, own = score(e, prompt, cached, out, own_s)
+            ok, sc, own, ttft = score(e, prompt, cached, out, own_s)
             if ok:
-                feasible.append((load, eid, sc, e.region, room, own))
+                feasible.append((load, eid, sc, e.region, room, own, ttft))
                 if len(feasible) >= ENOUGH_FEASIBLE:
                     rest = i + 1
                     break
             else:
-                risky.append((sc, eid, e.region, room))
+                risky.append((sc, eid, e.region, room, ttft))
         risky.sort()
         best = min(min((t[2] for t in feasible), default=math.inf), risky[0][0] if risky else math.inf)
         best_load = feasible[0][0] if feasible else None  # None: nothing feasible here (of those scored)
@@ -265,9 +269,10 @@ class PredictivePolicy:
         ahead.sort(key=lambda t: (t[0], t[1]))
         after.sort(key=lambda t: (t[0], t[1]))
         ranked = [c for _, _, c in ahead]
-        ranked += [Candidate(reg, eid, room) for _, eid, _, reg, room, _ in feasible]
+        # a local candidate carries its predicted TTFT: the caller measures it (`observe_ttft`)
+        ranked += [Candidate(reg, eid, room, ttft) for _, eid, _, reg, room, _, ttft in feasible]
         ranked += [Candidate(e.region, eid, room) for _, eid, e, room in fits[rest:]]  # not scored: by load
-        ranked += [Candidate(reg, eid, room) for _, eid, reg, room in risky]
+        ranked += [Candidate(reg, eid, room, ttft) for _, eid, reg, room, ttft in risky]
         ranked += [c for _, _, c in after]
         if config.late_binding and risky and not feasible and not ahead:
             # Nothing anywhere can take it well now: hold it while it could still meet its TTFT on
@@ -280,13 +285,18 @@ class PredictivePolicy:
         if eid is not None:
             if request.prefix:
                 self.index.record(request.prefix, eid)
-            if self.log is not None or request.explain:
+            if self.log is not None or request.explain and ranked[0].predicted_ttft_s is None:
                 predicted = self._predict(request, eid, engines, prompt, out, hits)
                 if predicted is not None and self.log is not None:
                     self.log.append((request.key, eid, *predicted, now))
-                if predicted is not None and request.explain:
+                if predicted is not None and ranked[0].predicted_ttft_s is None:
                     ranked[0] = replace(ranked[0], predicted_ttft_s=predicted[0])
         return ranked
+
+    def observe_ttft(self, engine_id: str, predicted_s: float, measured_s: float) -> None:
+        """A request sent to `engine_id` got its first token back `measured_s` engine seconds after
+        the send; the policy had predicted `predicted_s` (the candidate's `predicted_ttft_s`)."""
+        self.corrections.observe_ttft(engine_id, predicted_s, measured_s)
 
     def _predict(self, request: RoutedRequest, eid: str, engines: Sequence[EngineView], prompt: int, out: int,
                  hits: dict[str, int]) -> tuple[float, float] | None:  # fmt: skip
@@ -299,8 +309,8 @@ class PredictivePolicy:
         cached = min(prompt, hits.get(eid, 0) * request.prefix_block_tokens)
         queued = _queued(e, self.config)
         ttft, tpot, _, _ = estimate(prof, e.running, e.kv_usage * prof.capacity_tokens, queued,
-                                    prof.prefill_s(prompt, cached), prompt - cached, prompt, out, e.rtt_s,
-                                    corr.speed, corr.pace, _remaining(e))  # fmt: skip
+                                    prof.prefill_s(prompt, cached), prompt - cached, prompt, out,
+                                    e.rtt_s + corr.offset_s, corr.speed, corr.pace, _remaining(e))  # fmt: skip
         return ttft, tpot
 
     def _peer(self, region: RegionView, request: RoutedRequest, prompt: int, out: int, hits: dict[str, int],
@@ -329,7 +339,7 @@ class PredictivePolicy:
             if max_load is not None and load >= max_load:
                 key = (1, math.inf, math.inf, False)
             else:
-                ok, s, _ = self.score(e, prompt, min(prompt, hits.get(e.id, 0) * per), out, rtt_s=region.rtt_s)
+                ok, s, _, _ = self.score(e, prompt, min(prompt, hits.get(e.id, 0) * per), out, rtt_s=region.rtt_s)
                 key = (0, load, s, True) if ok else (1, s, load, False)
             if best is None or key < best:
                 best = key
