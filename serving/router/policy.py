@@ -111,7 +111,9 @@ class RoutedRequest:
     waited_s: float = 0.0  # how long the request has waited since it reached the fleet (late binding)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass's __init__ costs twice as much, and a decision over 1,000 engines
+# builds one per engine (tests/bench/bench_decision.py). Treat it as a value: nothing mutates one.
+@dataclass(slots=True)
 class Candidate:
     region: str
     engine: str | None  # None: forward to the region's router (a peer)

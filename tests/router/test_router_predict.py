@@ -178,7 +178,7 @@ def test_a_decision_over_1000_engines_is_cheap():
     req = RoutedRequest(need_tokens=1500, prompt_tokens=1200, max_tokens=300)
     pol.choose(req, views, regions, NOW)
     best = min(_timed(pol, req, views, regions) for _ in range(5))
-    assert best < 0.02  # generous for a loaded CI machine; tests/bench/bench_router.py measures it
+    assert best < 0.02  # generous for a loaded CI machine; tests/bench/bench_decision.py measures it
 
 
 def _timed(pol, req, views, regions) -> float:

@@ -213,17 +213,16 @@ class PredictivePolicy:
         # not scored follow in load order, then the infeasible ones by expected misses.
         fits: list[tuple] = []  # (load, id, view, room)
         seen: set[str] = set()
-        state = self._state
         for e in engines:
             region = allowed.get(e.region)
             if region is None or (region.remote and not request.allow_remote) or not engine_usable(e, request):
                 continue
             seen.add(e.region)
-            if not can_hold(e, need, out, now, config):
-                continue  # the admission guard: it cannot hold the request's KV
             room = headroom(e, now, config)
-            st = state(e)
-            fits.append((st[8] if st is not None else math.inf, e.id, e, room))
+            if room < need and not can_hold(e, need, out, now, config):
+                continue  # the admission guard: it cannot hold the request's KV
+            # the load alone orders them; the prediction's state is built only for those scored
+            fits.append((_load(e) if isinstance(e.profile, EngineProfile) else math.inf, e.id, e, room))
         fits.sort(key=_LOAD_ID)
         feasible: list[tuple] = []  # (load, id, score, region, room, SLO fraction, predicted TTFT)
         risky: list[tuple] = []  # (score, id, region, room, predicted TTFT)
@@ -330,12 +329,11 @@ class PredictivePolicy:
         for e in region.engines:
             if e.free_tokens - e.pending_tokens < need:
                 continue
-            st = self._state(e, region.rtt_s)  # also keeps the engine's correction up to date
             # _load, counting what this router forwarded there (shared over the summarised engines),
             # which the summary may not show yet
             load = math.inf
-            if st is not None:
-                load = (max(e.outstanding + share, e.running) + e.waiting + 1) * st[0].q_rate
+            if isinstance(e.profile, EngineProfile):
+                load = (max(e.outstanding + share, e.running) + e.waiting + 1) * e.profile.q_rate
             if max_load is not None and load >= max_load:
                 key = (1, math.inf, math.inf, False)
             else:
