@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import os
 import socket
 import time
@@ -62,6 +63,7 @@ from gpufleet.serving.router.policy import (
     make_policy,
     spare_headroom,
 )
+from gpufleet.serving.router.predict import MAX_OFFSET_S, offset_of
 from gpufleet.serving.router.relay import ClientGone, ClientOut, EventStream, Stream, Upstream, pump
 from gpufleet.serving.router.scale import UnmetDemand
 from gpufleet.serving.router.signals import Sample, Scraper, resolve_engines
@@ -107,7 +109,7 @@ def _profile(shape):
         return None
 
 
-def engine_figures(views, shape, now: float) -> list[dict]:
+def engine_figures(views, shape, now: float, policy: object = None) -> list[dict]:
     ranked = sorted((v for v in views if v.healthy and not v.drained and v.sampled_at is not None),
                     key=lambda v: (v.pending_prefill_tokens + v.waiting, -v.free_tokens, v.id))  # fmt: skip
     return [
@@ -115,9 +117,18 @@ def engine_figures(views, shape, now: float) -> list[dict]:
          "kv_usage": v.kv_usage, "capacity_tokens": v.capacity_tokens, "free_tokens": v.free_tokens,
          "pending_tokens": v.pending_tokens, "pending_prefill_tokens": v.pending_prefill_tokens,
          "recent_itl_s": v.recent_itl_s, "recent_prompt_tokens": v.recent_prompt_tokens,
-         "recent_itl_tokens": v.recent_itl_tokens, "age_s": v.age(now)}  # fmt: skip
+         "recent_itl_tokens": v.recent_itl_tokens, "age_s": v.age(now),
+         "ttft_offset_s": offset_of(policy, v.id)}  # fmt: skip
         for v in ranked[:PEER_SUMMARY_ENGINES]
     ]
+
+
+def _offset(value) -> float | None:
+    """A peer's TTFT offset for one engine, within the bounds its router keeps; None: absent or not a
+    number (an older peer, or garbage: that engine is then predicted with this router's own)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return min(MAX_OFFSET_S, max(0.0, float(value)))
 
 
 def _peer_engines(key: str, figures, received: float) -> tuple:
@@ -135,6 +146,7 @@ def _peer_engines(key: str, figures, received: float) -> tuple:
                 recent_itl_s=f.get("recent_itl_s"), recent_prompt_tokens=f.get("recent_prompt_tokens"),
                 recent_itl_tokens=f.get("recent_itl_tokens"),
                 profile=_profile(tuple(f["shape"])) if f.get("shape") else None,
+                ttft_offset_s=_offset(f.get("ttft_offset_s")),
             ))  # fmt: skip
         except (KeyError, TypeError, ValueError):
             continue  # a malformed figure: that engine is not predicted, the rest are
@@ -378,7 +390,7 @@ class Router:
             "in_flight": dict(self.outstanding),
             # the predicting policy's inputs for the engines that would take a forwarded request first
             # (least queued prefill, then most room): peers predict TTFT/TPOT here from them
-            "engine_figures": engine_figures(views, self.config.region.shape, now),
+            "engine_figures": engine_figures(views, self.config.region.shape, now, self.policy),
         }
 
     def region_summaries(self, now: float) -> list[dict[str, Any]]:

@@ -60,6 +60,9 @@ class EngineView:
     recent_itl_tokens: float | None = None
     # this router's ledger, where the engine is its own: `fits` reads when its requests end
     ledger: OptimisticLedger | None = None
+    # a peer's engine: the TTFT offset its own router measured (`predict.Correction.offset_s`, carried
+    # in the summary); None: this router's own correction applies
+    ttft_offset_s: float | None = None
 
     def age(self, now: float) -> float:
         return float("inf") if self.sampled_at is None else max(0.0, now - self.sampled_at)

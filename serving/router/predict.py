@@ -23,7 +23,8 @@ at its median (each observation moves it a small step toward the residual, `OFFS
 prediction: robust to the one request in ten that waited behind a burst) and never below 0. It is
 the latency the engine model leaves out: the hops to the engine and back, the wait for the engine's
 current step to end, the engine's own HTTP and tokenizing. Only the router that sends to an engine
-measures it; a peer region's engines are predicted without it.
+measures it; a peer's engines are predicted with the offset their own router measured, which its
+summary carries (`ttft_offset`).
 """
 
 from __future__ import annotations
@@ -204,6 +205,21 @@ class Corrections:
                     step += prefilled * prof.q_rate / steps
                 c.update(engine.recent_itl_s, step, decode)
         return c
+
+
+def ttft_offset(engine, corr: Correction) -> float:
+    """The TTFT offset to predict `engine` (a policy.EngineView) with: for a peer's engine the one its
+    own router measured (the summary carries it: only the router that sends there measures), else
+    this router's."""
+    theirs = engine.ttft_offset_s
+    return corr.offset_s if theirs is None else theirs
+
+
+def offset_of(policy, engine_id: str) -> float | None:
+    """The TTFT offset `policy` keeps for `engine_id`, for a region summary; None: it keeps none."""
+    corrections = getattr(policy, "corrections", None)
+    c = corrections.by_engine.get(engine_id) if isinstance(corrections, Corrections) else None
+    return None if c is None else c.offset_s
 
 
 @dataclass(frozen=True, slots=True)

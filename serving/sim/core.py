@@ -45,7 +45,7 @@ from gpufleet.serving.router.policy import (
     recent_pace,
     saturated,
 )
-from gpufleet.serving.router.predict import from_resolved
+from gpufleet.serving.router.predict import from_resolved, offset_of
 from gpufleet.serving.router.prefix import chain
 from gpufleet.serving.sim import network
 
@@ -847,6 +847,7 @@ class Simulator:
                     sampled_at=now, recent_itl_s=e.itl, pending_tokens=pending, profile=e.profile,
                     recent_prompt_tokens=e.prompt_delta, recent_itl_tokens=e.itl_delta,
                     pending_prefill_tokens=ledger.pending_prefill(e.id),
+                    ttft_offset_s=offset_of(router.policy, e.id),
                 )  # fmt: skip
                 for _, _, _, e, pending, es in brief[:PEER_SUMMARY_ENGINES]
             )

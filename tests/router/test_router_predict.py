@@ -233,3 +233,49 @@ def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that
             await bed.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_peers_engine_is_predicted_with_the_ttft_offset_its_own_router_measured():
+    pol = make_policy("predictive", PolicyConfig())
+    mine = _view("e1", running=8, kv_usage=0.2)
+    theirs = replace(mine, ttft_offset_s=0.3)
+    pol.corrections.by_engine["e1"] = Correction(offset_s=0.05)  # this router's own, for its engine
+    own = pol.score(mine, 1000, 0, 200)[3]
+    peer = pol.score(theirs, 1000, 0, 200)[3]
+    assert peer == pytest.approx(own - 0.05 + 0.3)
+
+
+def test_region_summaries_carry_each_engines_ttft_offset_to_the_peers(tmp_path):
+    """The offset a router measured for its engines goes out with its summary; a peer predicts a
+    forwarded request with it. A garbage figure is dropped (that engine uses the peer's own),
+    an out-of-range one clamped."""
+    import asyncio
+
+    from gpufleet.serving.router.gateway import _peer_engines, engine_figures
+
+    from .harness import start_fleet
+
+    aws, gcp = "aws-us-east-1", "gcp-us-central1"
+
+    async def main():
+        bed = await start_fleet(tmp_path)
+        try:
+            for e in bed[aws].engines:
+                bed[aws].router.policy.corrections.by_engine[e.url] = Correction(offset_s=0.25)
+            seen: set = set()
+            for _ in range(100):  # the next summary round
+                await asyncio.sleep(0.05)
+                views = {r.key: r for r in bed[gcp].router.region_views(bed[gcp].router.clock())}
+                seen = {e.ttft_offset_s for e in views[aws].engines}
+                if seen == {0.25}:
+                    break
+            assert seen == {0.25}
+        finally:
+            await bed.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    figures = engine_figures([_view("e1")], ("llama-3.1-8b", "H100-80GB", 1, None), NOW)
+    assert figures[0]["ttft_offset_s"] is None  # no policy with corrections: none to tell
+    for sent, got in ((0.4, 0.4), (-3, 0.0), (1e9, 1.0), ("0.2", None), (float("nan"), None), (True, None)):
+        views = _peer_engines("r", [dict(figures[0], ttft_offset_s=sent)], NOW)
+        assert len(views) == 1 and views[0].ttft_offset_s == got, sent

@@ -69,7 +69,7 @@ from gpufleet.serving.router.policy import (
     engine_usable,
     headroom,
 )
-from gpufleet.serving.router.predict import Corrections, EngineProfile, estimate
+from gpufleet.serving.router.predict import Corrections, EngineProfile, estimate, ttft_offset
 from gpufleet.serving.router.prefix import PrefixIndex
 
 RISK_WIDTH = 0.1  # with the centre at 0.8: an SLO fraction of 0.6 is a 12 % risk, 1.0 is 88 %
@@ -160,7 +160,7 @@ class PredictivePolicy:
         if own_s is None:
             own_s = prof.prefill_s(prompt, cached)
         ttft, tpot, before, after = estimate(prof, running, ctx, queued, own_s, prompt - cached, prompt, out,
-                                             rtt + corr.offset_s, speed, pace, remaining)  # fmt: skip
+                                             rtt + ttft_offset(e, corr), speed, pace, remaining)  # fmt: skip
         config = self.config
         tpot_slo = config.tpot_slo_s
         own = ttft / config.ttft_slo_s
@@ -309,7 +309,7 @@ class PredictivePolicy:
         queued = _queued(e, self.config)
         ttft, tpot, _, _ = estimate(prof, e.running, e.kv_usage * prof.capacity_tokens, queued,
                                     prof.prefill_s(prompt, cached), prompt - cached, prompt, out,
-                                    e.rtt_s + corr.offset_s, corr.speed, corr.pace, _remaining(e))  # fmt: skip
+                                    e.rtt_s + ttft_offset(e, corr), corr.speed, corr.pace, _remaining(e))  # fmt: skip
         return ttft, tpot
 
     def _peer(self, region: RegionView, request: RoutedRequest, prompt: int, out: int, hits: dict[str, int],
