@@ -213,6 +213,15 @@ def prompt_text(item: WorkItem) -> str:
     return "".join(out)
 
 
+def _ms_header(headers, name: str) -> float | None:
+    """A router's milliseconds header in seconds; None: absent or not a number."""
+    value = headers.get(name)
+    try:
+        return None if value is None else float(value) / 1000
+    except ValueError:
+        return None
+
+
 async def run_http(
     items: Sequence[WorkItem],
     targets: dict[str, str],
@@ -265,12 +274,8 @@ async def run_http(
                 async with session.post(targets[region] + "/v1/completions", json=body,
                                         headers={"X-Gpufleet-Explain": "1"}) as resp:  # fmt: skip
                     rec.region = resp.headers.get("x-gpufleet-region") or None
-                    predicted = resp.headers.get("x-gpufleet-predicted-ttft-ms")
-                    if predicted is not None:
-                        try:
-                            rec.predicted_ttft_s = float(predicted) / 1000
-                        except ValueError:
-                            pass
+                    rec.predicted_ttft_s = _ms_header(resp.headers, "x-gpufleet-predicted-ttft-ms")
+                    rec.sent_after_s = _ms_header(resp.headers, "x-gpufleet-sent-after-ms")
                     if resp.status == 429:
                         rec.outcome, rec.error = REJECTED, "429"
                         return

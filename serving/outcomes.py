@@ -36,6 +36,9 @@ class RequestRecord:
     error: str | None = None
     # the TTFT the router's policy predicted for the engine it chose (model seconds), where it said
     predicted_ttft_s: float | None = None
+    # how long it had waited at the routers when it was sent to that engine (model seconds): the
+    # prediction is made then, the client's TTFT counts from before
+    sent_after_s: float | None = None
 
     def meets(self, ttft_slo_s: float, tpot_slo_s: float) -> bool:
         """Within SLO: answered completely, first token and every-token pace under the targets."""

@@ -22,9 +22,11 @@ Points = dict[str, list[tuple[float, float]]]  # label -> [(predicted s, measure
 CLOSE = (0.8, 1.25)  # predicted / measured counted as close
 
 
-def http_points(runs: Sequence[RunResult]) -> Points:
+def http_points(runs: Sequence[RunResult], less_router_wait: bool = False) -> Points:
     """Pairs from HTTP runs without a failure, by GPU type of the region that served (the run's
-    `extra["gpu"]`) and policy, over all loads; continued or failed requests are left out."""
+    `extra["gpu"]`) and policy, over all loads; continued or failed requests are left out. With
+    `less_router_wait` the measured TTFT is counted from the send to the engine (less the time the
+    request had waited at the routers, which the answer says) and requests without that are left out."""
     points: Points = {}
     for run in runs:
         if run.driver != "http" or run.failure is not None:
@@ -33,8 +35,13 @@ def http_points(runs: Sequence[RunResult]) -> Points:
         for rec in run.records:
             if rec.predicted_ttft_s is None or rec.ttft_s is None or rec.continued or rec.outcome != OK:
                 continue
+            measured = rec.ttft_s
+            if less_router_wait:
+                if rec.sent_after_s is None:
+                    continue
+                measured -= rec.sent_after_s
             label = f"{gpu.get(rec.region, rec.region)} ({run.policy})"
-            points.setdefault(label, []).append((rec.predicted_ttft_s, rec.ttft_s))
+            points.setdefault(label, []).append((rec.predicted_ttft_s, measured))
     return points
 
 

@@ -141,10 +141,10 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
     raise HttpError(429, "no engine has room for this request now; retry later", headers=retry_after(router))
 
 
-def waited_s(job: Job, time_scale: float) -> float:
-    """Engine seconds the request has waited since it reached the fleet (this router's wait, in wall
-    seconds x the time scale, plus its origin router's, WAITED_HEADER)."""
-    return job.routed.waited_s + (time.perf_counter() - job.received) * time_scale
+def waited_s(job: Job, time_scale: float, at: float | None = None) -> float:
+    """Engine seconds the request has waited since it reached the fleet, now or `at` (perf_counter):
+    this router's wait, in wall seconds x the time scale, plus its origin router's (WAITED_HEADER)."""
+    return job.routed.waited_s + ((time.perf_counter() if at is None else at) - job.received) * time_scale
 
 
 async def hold(router: Router, job: Job, routed: RoutedRequest, hold_s: float) -> list[Candidate]:

@@ -44,6 +44,7 @@ from gpufleet.serving.router.parsing import (
     PREDICTED_HEADER,
     RESIDENCY_HEADER,
     ROUTED_HEADER,
+    SENT_AFTER_HEADER,
     WAITED_HEADER,
     Job,
     parse_job,
@@ -835,10 +836,11 @@ class Router:
         resp: Response | None = None
         finished = False  # the upstream answer was read to its end: its connection may be reused
         sent = time.perf_counter()
+        waited = admission.waited_s(job, self.config.settings.time_scale, sent)  # for the answer's head
         try:
             resp = await self.open_upstream(cand, job, job.body)
             if job.stream and resp.status == 200:
-                answer = await self._relay(request, job, cand, resp, key, sent)
+                answer = await self._relay(request, job, cand, resp, key, sent, waited)
                 finished = True
                 return answer
             try:
@@ -849,7 +851,7 @@ class Router:
             # A 4xx is the engine refusing the request (it is up): relayed, never tried elsewhere.
             self.record(cand, ok=True)
             headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-            headers.update(_answer_headers(job, cand, resp))
+            headers.update(_answer_headers(job, cand, resp, waited))
             if resp.status >= 400:
                 self.metrics.outcome(cand.region, "upstream_4xx")
                 return upstream_error(resp.status, data, headers)
@@ -867,12 +869,13 @@ class Router:
             self.note_done(cand, key)
 
     async def _relay(
-        self, request: web.Request, job: Job, cand: Candidate, resp: Response, key: object, sent: float
+        self, request: web.Request, job: Job, cand: Candidate, resp: Response, key: object, sent: float,
+        waited: float,
     ) -> web.StreamResponse:
         response = EventStream(
             status=200,
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                     **_answer_headers(job, cand, resp)},
+                     **_answer_headers(job, cand, resp, waited)},
         )  # fmt: skip
         out = ClientOut(request, response)
         await out.start()
@@ -896,15 +899,20 @@ class Router:
         return response
 
 
-def _answer_headers(job: Job, cand: Candidate, resp: Response) -> dict[str, str]:
+def _answer_headers(job: Job, cand: Candidate, resp: Response, waited_s: float) -> dict[str, str]:
     """Who answered (a peer says which of its regions), and when asked, the TTFT the policy
-    predicted for the engine it chose (this router's, or the peer's that chose it)."""
+    predicted for the engine it chose and how long the request had waited at the routers when it
+    was sent there (this router's figures, or those of the peer that chose the engine)."""
     out = {ROUTED_HEADER: resp.headers.get(ROUTED_HEADER, cand.region)}
     if job.routed.explain:
-        if cand.predicted_ttft_s is not None:
-            out[PREDICTED_HEADER] = f"{cand.predicted_ttft_s * 1000:.1f}"
-        elif PREDICTED_HEADER in resp.headers:
-            out[PREDICTED_HEADER] = resp.headers[PREDICTED_HEADER]
+        if cand.engine is not None:
+            if cand.predicted_ttft_s is not None:
+                out[PREDICTED_HEADER] = f"{cand.predicted_ttft_s * 1000:.1f}"
+            out[SENT_AFTER_HEADER] = f"{waited_s * 1000:.1f}"
+        else:
+            for name in (PREDICTED_HEADER, SENT_AFTER_HEADER):
+                if name in resp.headers:
+                    out[name] = resp.headers[name]
     return out
 
 

@@ -29,6 +29,9 @@ ROUTED_HEADER = "X-Gpufleet-Region"  # on responses: the region that answered
 # of the engine it chose (engine seconds, in ms): to check the prediction against what a client sees.
 EXPLAIN_HEADER = "X-Gpufleet-Explain"
 PREDICTED_HEADER = "X-Gpufleet-Predicted-Ttft-Ms"
+# ... and how long (engine ms) the request waited at the routers (admission, late binding, its origin
+# router's too) before it was sent to the engine that answered: the prediction is made after that.
+SENT_AFTER_HEADER = "X-Gpufleet-Sent-After-Ms"
 RESIDENCY_HEADER = "X-Gpufleet-Residency"
 # On a forwarded request: how long (ms) the origin router had it before forwarding, so that the peer
 # holds it (late binding) only for what is left of its TTFT slack.

@@ -189,11 +189,12 @@ def _timed(pol, req, views, regions) -> float:
 
 def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that_chose(tmp_path):
     """`X-Gpufleet-Explain: 1` on a request puts the TTFT the predicting policy expected of the chosen
-    engine on the answer (streamed or not); a request forwarded to a peer carries the peer's
-    prediction, since the peer chose the engine; without the header there is none."""
+    engine on the answer (streamed or not), with how long the request had waited at the routers
+    when it was sent there; a request forwarded to a peer carries the peer's figures, since the peer
+    chose the engine; without the header there are none."""
     import asyncio
 
-    from gpufleet.serving.router.parsing import PREDICTED_HEADER, ROUTED_HEADER
+    from gpufleet.serving.router.parsing import PREDICTED_HEADER, ROUTED_HEADER, SENT_AFTER_HEADER
 
     from .harness import MODEL, TOKEN, start_fleet
 
@@ -207,6 +208,10 @@ def test_an_answer_carries_the_predicted_ttft_when_asked_also_from_the_peer_that
         async with bed.session.post(bed[aws].url + "/v1/chat/completions", json=body, headers=headers) as r:
             await r.read()
             assert r.status == 200
+            sent_after = r.headers.get(SENT_AFTER_HEADER)
+            assert (sent_after is None) is (not explain)
+            if sent_after is not None:  # ms; nothing held these: the time to parse and choose
+                assert 0 <= float(sent_after) < 1000
             return r.headers.get(ROUTED_HEADER), r.headers.get(PREDICTED_HEADER)
 
     async def main():

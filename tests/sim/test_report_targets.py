@@ -100,7 +100,8 @@ def test_the_report_compares_the_routers_predictions_with_what_the_client_measur
     continued or failed requests and runs through a failure are left out."""
     recs = [
         RequestRecord(id=i, arrival_s=i, prompt_tokens=10, max_tokens=10, outcome=OK, region="r-h100",
-                      ttft_s=0.2, tpot_s=0.01, predicted_ttft_s=0.2 * (1.1 if i % 2 else 3.0))
+                      ttft_s=0.2, tpot_s=0.01, predicted_ttft_s=0.2 * (1.1 if i % 2 else 3.0),
+                      sent_after_s=0.1 if i < 8 else None)
         for i in range(10)
     ]  # fmt: skip
     recs.append(RequestRecord(id=10, arrival_s=10, prompt_tokens=10, max_tokens=10, outcome=OK, region="r-h100",
@@ -113,6 +114,9 @@ def test_the_report_compares_the_routers_predictions_with_what_the_client_measur
     assert "## Predicted against measured TTFT (HTTP)" in text
     # ten requests (not the continued one), median of 1.1 and 3.0 -> 2.05, half within 0.8-1.25x
     assert "| H100-80GB (default) | 10 | 2.05 | 50% |" in text
+    # from the send: the eight that said their wait (0.1 s of the 0.2), predicted 0.22 or 0.6 s
+    # against 0.1 s: median of 2.2 and 6.0 -> 4.10, none within 0.8-1.25x
+    assert "| H100-80GB (default) | 8 | 4.10 | 0% |" in text
     assert (tmp_path / "predicted_ttft.png").stat().st_size > 0
     plain = write_report([run("default", 1.0, 1.0)], tmp_path / "plain").read_text()
     assert "Predicted against measured" not in plain
