@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
         sim: bool = typer.Option(True, "--sim/--no-sim", help="also run each experiment in the simulator"),
         http: bool = typer.Option(True, "--http/--no-http", help="run the experiments over HTTP"),
         peer: bool = typer.Option(True, "--peer/--no-peer", help="vllm-router side by side, where installed"),
+        peer_policy: list[str] = typer.Option(
+            [], "--peer-policy", help="vllm-router policy (repeat; default: power_of_two, cache_aware, kv_aware, "
+            "sticky_least_loaded)",
+        ),
         report_dir: Path = typer.Option(Path("results/bench"), "--report-dir"),
         http_run_names: list[str] = typer.Option(
             list(HTTP_RUNS), "--http-run",
@@ -74,6 +78,10 @@ def register(app: typer.Typer) -> None:
         from gpufleet.serving.fleetrun import FleetRunError
         from gpufleet.serving.report import write_report
 
+        bad_peer = [p for p in peer_policy if p not in PEER_POLICIES]
+        if bad_peer:
+            fail(f"--peer-policy {bad_peer[0]!r}: one of {', '.join(PEER_POLICIES)}")
+
         spec = load_fleet_or_exit(fleet)
         keys = {r.key for r in spec.regions}
         regions = tuple(region) or tuple(k for k in DEMO_REGIONS if k in keys) or tuple(sorted(keys)[:3])
@@ -91,7 +99,7 @@ def register(app: typer.Typer) -> None:
         ]
         if peer and http:
             if peer_router_available():
-                policies += [f"vllm-router:{p}" for p in PEER_POLICIES]
+                policies += [f"vllm-router:{p}" for p in peer_policy or PEER_POLICIES]
             else:
                 notes.append("vllm-router is not installed (pip install vllm-router): no peer-router runs")
         runs = []

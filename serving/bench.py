@@ -25,7 +25,9 @@ from gpufleet.serving.report import RunResult, failed_between
 if TYPE_CHECKING:
     from gpufleet.stacks.spec import Fleet
 
-PEER_POLICIES = ("power_of_two", "cache_aware")
+# vllm-router 0.1.17's single-pool policies a user would pick for a fleet of engines (its --policy;
+# random, round_robin and consistent_hash are left out: load-blind)
+PEER_POLICIES = ("power_of_two", "cache_aware", "kv_aware", "sticky_least_loaded")
 
 
 @dataclass(frozen=True)
