@@ -89,6 +89,7 @@ def test_bad_policy_or_reach_is_a_clean_exit(repo_root):
         (["demo", "--policy", "fastest", "--baseline", "none"], "fastest"),
         (["bench", "--http-run", "instance-aware@planet"], "instance-aware@planet"),
         (["bench", "--http-run", "fastest@global"], "fastest@global"),
+        (["bench", "--no-sim", "--peer-policy", "round_robin"], "round_robin"),
         (["router", "serve", "--region", "aws-us-west-2", "--reach", "planet"], "planet"),
     ):
         r = subprocess.run([sys.executable, "-m", "gpufleet.cli.app", *argv], cwd=repo_root, capture_output=True,
