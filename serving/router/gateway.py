@@ -36,6 +36,7 @@ from gpufleet.serving.router.breaker import BreakerBoard, CircuitBreaker
 from gpufleet.serving.router.config import RegionInfo, RouterConfig
 from gpufleet.serving.router.continuation import continuation_payload
 from gpufleet.serving.router.errors import HttpError, error_body, error_response, json_errors, snippet, upstream_error
+from gpufleet.serving.router.front import LeanClientOut, LeanRequest
 from gpufleet.serving.router.limits import GatewayRunner, ServerLimits
 from gpufleet.serving.router.metrics import RouterMetrics
 from gpufleet.serving.router.parsing import (
@@ -465,7 +466,10 @@ class Router:
             reader = PeerReader(self, interval_s=s.scrape_interval_s, timeout_s=s.scrape_timeout_s)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"peers-{self.region}"))
         self._tasks.append(asyncio.create_task(self._flush_logs(logs.install()), name=f"logs-{self.region}"))
-        self._runner = GatewayRunner(self.app(), self.limits)
+        # The two completion routes are served on the front (front.py) too: the usual request is
+        # answered there, any other hands its connection to the app.
+        hot = {"chat": self._chat, "completions": self._completions}
+        self._runner = GatewayRunner(self.app(), self.limits, hot, self.config.settings.max_body_bytes)  # type: ignore[arg-type]
         await self._runner.setup()
         site: web.BaseSite = (
             web.SockSite(self._runner, sock) if sock else web.TCPSite(self._runner, host, port)
@@ -597,7 +601,10 @@ class Router:
         attempts close their upstream connection on the way out."""
         received = time.perf_counter()
         try:
-            body = await read_body(request, self.config.settings.max_body_bytes, self.limits.body_timeout_s)
+            if type(request) is LeanRequest:  # read whole by the front (front.py), within the limits
+                body = request.body
+            else:
+                body = await read_body(request, self.config.settings.max_body_bytes, self.limits.body_timeout_s)
             deadline = self.clock() + self.config.settings.request_timeout_s
             job = parse_job(self.config, request, body, kind, deadline, received)
             return await self._serve(request, job)
@@ -877,7 +884,7 @@ class Router:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                      **_answer_headers(job, cand, resp, waited)},
         )  # fmt: skip
-        out = ClientOut(request, response)
+        out = LeanClientOut(request, response) if type(request) is LeanRequest else ClientOut(request, response)
         await out.start()
         stream = Stream(key=key)
         if cand.engine is not None and cand.predicted_ttft_s is not None:

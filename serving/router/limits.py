@@ -29,6 +29,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from gpufleet.serving.router.errors import error_body, error_response
+from gpufleet.serving.router.front import Front, Handler
 
 HEADER_TIMEOUT_S = 10.0
 BODY_TIMEOUT_S = 30.0
@@ -163,22 +164,44 @@ class _Handler(RequestHandler):
 
 
 class _Server(web.Server):
-    """aiohttp's low-level server with a cap on open connections."""
+    """aiohttp's low-level server with a cap on open connections. With `hot` handlers, connections
+    start on the lean front (front.py), which hands them to aiohttp at their first other request."""
 
     max_connections: int
     header_timeout_s: float
+    limits: ServerLimits
+    max_body_bytes: int
+    lingering_s: float
+    hot: dict[str, Handler]
+    fronts: set[Front]
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
-        if len(self._connections) >= self.max_connections:
+        if len(self._connections) + len(self.fronts) >= self.max_connections:
             return _Refusal()
+        if self.hot:
+            return Front(self, self._loop)
+        return self.aiohttp_protocol()
+
+    @property
+    def connections(self) -> list:
+        """Open client connections: aiohttp's and the fronts' (each has a `transport`)."""
+        return [*self._connections, *self.fronts]
+
+    def aiohttp_protocol(self) -> asyncio.Protocol:
         return _Handler(self, loop=self._loop, header_timeout_s=self.header_timeout_s, **self._kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.gather(*(f.shutdown(timeout) for f in list(self.fronts)))
+        await super().shutdown(timeout)
 
 
 class GatewayRunner(web.AppRunner):
     """An AppRunner whose server applies `ServerLimits`; handlers are cancelled when their client
     goes away (the gateway then cancels the request upstream)."""
 
-    def __init__(self, app: web.Application, limits: ServerLimits) -> None:
+    def __init__(
+        self, app: web.Application, limits: ServerLimits, hot: dict[str, Handler] | None = None, max_body_bytes: int = 0
+    ) -> None:
         super().__init__(
             app,
             access_log=None,
@@ -190,6 +213,8 @@ class GatewayRunner(web.AppRunner):
             lingering_time=LINGERING_TIME_S,
         )
         self.limits = limits
+        self.hot = hot or {}
+        self.max_body_bytes = max_body_bytes
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -198,6 +223,11 @@ class GatewayRunner(web.AppRunner):
         assert isinstance(server, _Server)
         server.max_connections = self.limits.max_connections
         server.header_timeout_s = self.limits.header_timeout_s
+        server.limits = self.limits
+        server.hot = self.hot
+        server.max_body_bytes = self.max_body_bytes
+        server.fronts = set()
+        server.lingering_s = LINGERING_TIME_S
         return server
 
     @property
