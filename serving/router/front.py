@@ -115,7 +115,7 @@ class LeanRequest:
         self.keep_alive = head.keep_alive
         self.transport: asyncio.Transport | None = front.transport
         self.writer = front  # `drain()`, as aiohttp's writer
-        self.started = False  # the answer's head went out
+        self.started = False  # bytes of the answer went out
         self.finished = False  # the whole answer went out
 
 
@@ -254,11 +254,17 @@ class Front(asyncio.Protocol):
         try:
             handler = self.server.hot[request.kind]
             response = await json_errors(request, handler)  # type: ignore[arg-type]
+            transport = self.transport
             if request.finished:
                 keep = request.keep_alive
-            elif not request.started and not self._closed:
+            elif (
+                not request.started
+                and isinstance(response, web.Response)  # not a stream that ended before its first byte
+                and transport is not None
+                and not transport.is_closing()
+            ):
                 close = response.keep_alive is False or not request.keep_alive
-                self.transport.write(serialize(response, close))  # type: ignore[union-attr]
+                transport.write(serialize(response, close))
                 keep = not close
         except asyncio.CancelledError:
             return  # the client went away (or the server shuts down): nothing to answer
@@ -348,7 +354,6 @@ class LeanClientOut(ClientOut):
     async def start(self) -> None:
         response = self.response
         self._head = head_bytes(response.status, response.reason, response.headers, None, not self.request.keep_alive)
-        self.request.started = True
 
     async def write(self, data: bytes) -> None:
         if self.last:
@@ -360,6 +365,7 @@ class LeanClientOut(ClientOut):
             raise ClientGone(self.response)
         transport.write(self._head + b"%x\r\n%b\r\n" % (len(data), data))
         self._head = b""
+        self.request.started = True
 
     async def drain(self) -> None:
         try:
@@ -375,7 +381,7 @@ class LeanClientOut(ClientOut):
         chunk = b"%x\r\n%b\r\n" % (len(last), last) if last else b""
         transport.write(self._head + chunk + b"0\r\n\r\n")
         self._head = b""
-        self.request.finished = True
+        self.request.started = self.request.finished = True
 
 
 # ---- writing heads ---------------------------------------------------------------------------------
