@@ -15,6 +15,10 @@ ever) and reads a body as slowly as it comes. Here:
 - **errors aiohttp answers itself** (a malformed request line, headers past `max_line_size` /
   `max_field_size`) are OpenAI-style JSON too.
 
+Connections start on the lean front (front.py) and move to aiohttp at their first request that
+is not a completion request in the usual shape; the front applies the same deadlines, the same
+cap (one count over both kinds) and the same lingering close.
+
 These are not fleet-file settings yet (`RouterSettings` has no such fields): the defaults are the
 constants below; tests pass a `ServerLimits` of their own.
 """
