@@ -111,7 +111,6 @@ class LeanRequest:
         self.path = head.path
         self.headers = head.headers
         self.body = body
-        self.content_length = head.length
         self.keep_alive = head.keep_alive
         self.transport: asyncio.Transport | None = front.transport
         self.writer = front  # `drain()`, as aiohttp's writer
