@@ -265,10 +265,16 @@ class Front(asyncio.Protocol):
                 close = response.keep_alive is False or not request.keep_alive
                 transport.write(serialize(response, close))
                 keep = not close
+            if keep and self._write_paused:
+                # The next request waits until this client has taken most of its answers (as
+                # aiohttp's write_eof drains): a client that pipelines and never reads gets no more
+                # answers buffered, and one that takes none for keepalive_timeout_s is closed.
+                async with asyncio.timeout(self.server.limits.keepalive_timeout_s):
+                    await self.drain()
         except asyncio.CancelledError:
             return  # the client went away (or the server shuts down): nothing to answer
-        except ConnectionError:
-            pass  # the client went away while its answer was written
+        except (ConnectionError, TimeoutError):
+            keep = False  # the client went away, or stopped taking its answers
         except Exception as exc:  # an answer that cannot be written: the connection is done
             log.error("error answering %s: %s: %s", request.path, type(exc).__name__, exc)
         finally:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 from gpufleet.serving.router.front import head_bytes, parse_head
 
-from .harness import MODEL, RegionSpec, start_fleet
+from .harness import MODEL, RegionSpec, ask, start_fleet
 
 AWS = "aws-us-east-1"
 ONE = (RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=512),)
@@ -186,3 +187,52 @@ def test_unusual_requests_get_aiohttp_answers_and_the_front_its_own(tmp_path):
             await bed.close()
 
     run(main())
+
+
+def test_a_client_that_pipelines_and_never_reads_gets_no_more_answers_buffered(tmp_path):
+    """600 pipelined requests from a client that reads nothing: the front stops taking its requests
+    once its answers wait unsent (the write buffer stays near the transport's high-water mark, not
+    600 answers), another client is served meanwhile, and when the first reads, every answer comes,
+    in order."""
+
+    async def main():
+        bed = await start_fleet(tmp_path, ONE, time_scale=50)
+        router = bed[AWS].router
+        port = router.port
+        assert port is not None
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            here = sock.getsockname()
+            server = router._runner.server
+            fronts = [f for f in list(server.fronts) if f.transport.get_extra_info("peername") == here]
+            while not fronts:
+                await asyncio.sleep(0.01)
+                fronts = [f for f in list(server.fronts) if f.transport.get_extra_info("peername") == here]
+            front = fronts[0]
+            # The router's side gets a small send buffer too, or the kernel takes every answer.
+            front.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            n = 600
+            writer.write(b"".join(_post(_body(content=f"p{i}")) for i in range(n)))
+            await writer.drain()
+            await asyncio.sleep(3.0)
+            buffered = front.transport.get_write_buffer_size()
+            assert buffered < 100 * 1024, buffered  # about the high-water mark (64 KiB), not n answers
+            a = await ask(bed.session, bed[AWS].url, max_tokens=4, stream=True, content="other client")
+            assert a.complete, a.error
+            contents, size = [], 0
+            for _ in range(n):
+                status, _, body = await asyncio.wait_for(_answer(reader), 30)
+                assert status == 200, body
+                contents.append(json.loads(body)["object"])
+                size += len(body)
+            assert contents == ["chat.completion"] * n
+            assert size > 2 * 100 * 1024, size  # so the bound above held answers back
+            writer.close()
+        finally:
+            await bed.close()
+
+    run(main(), timeout=120)
