@@ -7,7 +7,9 @@ When the policy finds no candidate the answer depends on whether waiting can hel
 - 503 (at once, no queueing) when no engine that may take it is up;
 - otherwise it waits up to `queue_wait_s` for room (`queue_max` at most wait), then 429 +
   Retry-After. A request forwarded by a peer does not wait for room: the origin has other
-  candidates.
+  candidates. When room comes the policy is asked with the time the request has waited, and its
+  late binding applies as to any other request (held, or refused once its TTFT slack is spent),
+  as in the simulator.
 
 When the policy holds a request (late binding, `Candidate.hold_s`: no engine can start its prefill
 in its next step), it waits here, a forwarded one too (this router sees its own engines' prefills
@@ -119,6 +121,7 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
         raise HttpError(429, "no engine has room for this request now; retry later", headers=retry_after(router))
     router.queued += 1
     router.queued_tokens += job.routed.need_tokens
+    cands = []
     try:
         until = min(job.deadline, router.clock() + wait)
         while True:
@@ -129,12 +132,16 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
                 await asyncio.wait_for(router.room_event().wait(), left)
             except TimeoutError:
                 pass
-            cands = router.choose(job.routed)
+            # asked as the simulator asks: with the time it has waited, so that the policy's late
+            # binding holds it (or refuses it, its TTFT slack spent) rather than sending it late
+            cands = router.choose(replace(job.routed, waited_s=waited_s(job, s.time_scale)))
             if cands:
-                return cands
+                break
     finally:
         router.queued -= 1
         router.queued_tokens -= job.routed.need_tokens
+    if cands:
+        return cands if cands[0].hold_s is None else await hold(router, job, job.routed, cands[0].hold_s)
     if not anything_up(router, job.routed):
         raise _nothing_up()
     refused(router, job)

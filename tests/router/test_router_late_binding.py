@@ -182,3 +182,46 @@ def test_a_forwarded_request_is_held_at_the_peer_for_what_is_left_of_its_slack(t
             await bed.close()
 
     _run(main())
+
+
+def test_the_time_a_request_has_waited_counts_in_its_ttft():
+    """An engine that could start the request at once is not taken when what the request has waited
+    already, plus its predicted TTFT there, passes the SLO: it would be late, and would take the engine
+    from requests still on time. It is refused (its slack is spent) rather than sent late."""
+    idle = [_view("h")]
+    fresh = _choose(idle)
+    assert fresh[0].engine == "h" and fresh[0].hold_s is None
+    ttft = fresh[0].predicted_ttft_s
+    assert ttft is not None and 0 < ttft < 0.5
+    on_time = _choose(idle, _req(waited_s=2.0 - ttft - 0.05))
+    assert on_time[0].engine == "h" and on_time[0].hold_s is None
+    late = _choose(idle, _req(waited_s=2.0 - ttft + 0.05))
+    assert late[0].engine == "h" and late[0].hold_s is not None and late[0].hold_s <= 0
+
+
+FILLS_IT = "gpu " * 500  # ~500 prompt tokens: with 200 to generate, one fills a 64-block (1,024-token) engine
+
+
+def test_a_request_that_waited_for_room_past_its_slack_is_refused_not_sent_late(tmp_path):
+    """A request queued for KV room (none anywhere) is asked about again with the time it has waited:
+    when room comes within its TTFT slack it is served, after it, refused (429) as late binding
+    refuses, not sent to answer late."""
+    tiny = (RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=64),)
+
+    async def main():
+        for slo_ms, served in ((3000, True), (400, False)):
+            bed = await start_fleet(tmp_path, tiny, time_scale=1, slo_ttft_ms=slo_ms, router={"queue_wait_s": 10.0})
+            url = bed["aws-us-east-1"].url
+            try:
+                first = asyncio.create_task(ask(bed.session, url, FILLS_IT, max_tokens=200))
+                await asyncio.sleep(0.2)  # it holds the engine's KV for its ~200 steps (~1.4 s)
+                second = await ask(bed.session, url, FILLS_IT, max_tokens=8)
+                assert (await first).complete
+                if served:
+                    assert second.complete, second.error
+                else:
+                    assert second.status == 429 and "time-to-first-token" in (second.error or ""), second
+            finally:
+                await bed.close()
+
+    _run(main())

@@ -12,7 +12,10 @@ them, `observe_ttft`). Then:
 
 * an engine is FEASIBLE when the request's predicted TTFT and TPOT are within the SLO and admitting
   it does not push the running batch's TPOT past the target (the harm: its prefill stalls them and
-  its decode share slows every step; `estimate`'s running_tpot_after);
+  its decode share slows every step; `estimate`'s running_tpot_after). The TTFT counts from the
+  request's arrival: the time it has waited already (`RoutedRequest.waited_s`: held, queued for
+  room, at the origin router of a forwarded request) is added to the prediction, so a request that
+  waited long is not sent where it would now be late, taking an engine from requests still on time;
 * among feasible engines the least loaded relative to its speed wins (`_load`: requests in flight
   and queued, in seconds of the engine model's prefill per token), so load spreads by capacity;
 * when no engine is feasible, the fewest expected misses win:
@@ -146,13 +149,16 @@ class PredictivePolicy:
     _states: dict = field(default_factory=dict, repr=False)  # id(view) -> (view, _state)
 
     def score(
-        self, e: EngineView, prompt: int, cached: int, out: int, own_s: float | None = None, rtt_s: float = 0.0
+        self, e: EngineView, prompt: int, cached: int, out: int, own_s: float | None = None, rtt_s: float = 0.0,
+        waited_s: float = 0.0,
     ) -> tuple[bool, float, float, float]:
         """(feasible, expected SLO misses, SLO fraction, predicted TTFT) of sending the request to `e`
         (see the module text): feasible when its predicted TTFT and TPOT are within the SLO and the
         running batch's TPOT stays within it too (or no worse than FEASIBLE_HARM x what it is).
         `own_s`: the request's prefill time on this engine's profile, when the caller has it; `rtt_s`:
-        a round trip on top of the view's (a peer region's). No profile: (False, inf, inf, inf)."""
+        a round trip on top of the view's (a peer region's); `waited_s`: how long the request has
+        waited already, which its TTFT includes (the predicted TTFT returned is from now). No
+        profile: (False, inf, inf, inf)."""
         st = self._state(e, rtt_s)
         if st is None:
             return False, math.inf, math.inf, math.inf
@@ -163,7 +169,7 @@ class PredictivePolicy:
                                              rtt + ttft_offset(e, corr), speed, pace, remaining)  # fmt: skip
         config = self.config
         tpot_slo = config.tpot_slo_s
-        own = ttft / config.ttft_slo_s
+        own = (ttft + waited_s) / config.ttft_slo_s  # its TTFT counts from its arrival
         if tpot / tpot_slo > own:
             own = tpot / tpot_slo
         risk = (_risk(own) if own > RISK_FLOOR else 0.0) + SPEED_TIE * own
@@ -208,6 +214,7 @@ class PredictivePolicy:
         out = request.max_tokens or max(1, need - prompt)
         hits = self.index.match(request.prefix) if request.prefix else {}
         per = request.prefix_block_tokens
+        waited = request.waited_s
         # Feasible engines rank by load, so walking them in load order the first feasible one is the
         # choice: scoring stops after ENOUGH_FEASIBLE of them (the retries' candidates); the engines
         # not scored follow in load order, then the infeasible ones by expected misses.
@@ -235,7 +242,7 @@ class PredictivePolicy:
             own_s = own_cache.get((prof, cached))
             if own_s is None and prof is not None:
                 own_s = own_cache[(prof, cached)] = prof.prefill_s(prompt, cached)
-            ok, sc, own, ttft = score(e, prompt, cached, out, own_s)
+            ok, sc, own, ttft = score(e, prompt, cached, out, own_s, 0.0, waited)
             if ok:
                 feasible.append((load, eid, sc, e.region, room, own, ttft))
                 if len(feasible) >= ENOUGH_FEASIBLE:
@@ -337,7 +344,8 @@ class PredictivePolicy:
             if max_load is not None and load >= max_load:
                 key = (1, math.inf, math.inf, False)
             else:
-                ok, s, _, _ = self.score(e, prompt, min(prompt, hits.get(e.id, 0) * per), out, rtt_s=region.rtt_s)
+                ok, s, _, _ = self.score(e, prompt, min(prompt, hits.get(e.id, 0) * per), out, rtt_s=region.rtt_s,
+                                         waited_s=request.waited_s)
                 key = (0, load, s, True) if ok else (1, s, load, False)
             if best is None or key < best:
                 best = key
