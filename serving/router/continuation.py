@@ -11,6 +11,7 @@ an engine's /tokenize counts it, every completion token of both engines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -132,7 +133,16 @@ async def continue_stream(
             break
         stream.prior_tokens = stream.tokens
         # The new engine holds the prompt, the text so far and the rest: the same demand.
-        cand = router.take(router.choose(replace(job.routed, exclude=frozenset(failed))))
+        routed = replace(job.routed, exclude=frozenset(failed))
+        cands = router.choose(routed)
+        # Nothing has room now (the failed engines' load just moved to the rest): wait for room as
+        # admission does, up to queue_wait_s, rather than break the stream at once.
+        until = min(job.deadline, router.clock() + router.config.settings.queue_wait_s)
+        while not cands and (left := until - router.clock()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(router.room_event().wait(), left)
+            cands = router.choose(routed)
+        cand = router.take(cands)
         if cand is None:
             break
         if stream.prior_tokens and stream.prompt_tokens is None and _wants_usage(job.payload):
@@ -145,7 +155,7 @@ async def continue_stream(
         done = False
         try:
             try:
-                resp = await router.open_upstream(cand, job, body)
+                resp = await router.open_upstream(cand, job, body, continuation=True)
             except Upstream as exc:
                 failed.add(cand.target)
                 router.record(cand, ok=False) if exc.penalize else router.release(cand)

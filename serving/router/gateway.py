@@ -800,8 +800,9 @@ class Router:
                     resp.abort(Upstream(why))
 
 
-    async def open_upstream(self, cand: Candidate, job: Job, body: bytes) -> Response:
-        """POST to the candidate; the response with headers read, or `Upstream`."""
+    async def open_upstream(self, cand: Candidate, job: Job, body: bytes, continuation: bool = False) -> Response:
+        """POST to the candidate; the response with headers read, or `Upstream`. `continuation`: the
+        request lost its engine after the fleet took it (continuation.py)."""
         assert self._pool is not None
         s = self.config.settings
         left = job.deadline - self.clock()
@@ -811,7 +812,9 @@ class Router:
         # by its deadline only; `pump` tightens a stream to idle_timeout_s once its first token came.
         headers = job.headers
         if cand.engine is None:  # to a peer: what is left of its TTFT slack is the peer's to hold for
-            waited_ms = 1000.0 * admission.waited_s(job, s.time_scale)
+            # A continuation is the fleet's to finish, late or not (its engine failed, not the client):
+            # a peer must not count its age against its TTFT, refuse it as late, and break the stream.
+            waited_ms = 0.0 if continuation else 1000.0 * admission.waited_s(job, s.time_scale)
             headers = {**headers, WAITED_HEADER: f"{waited_ms:.0f}"}
         try:
             resp = await self._pool.post(

@@ -117,6 +117,7 @@ class _Job:
     attempts: int = 0
     excluded: set[str] = field(default_factory=set)
     first_token_at: float | None = None  # absolute model time the client got the first token
+    lost_engine: bool = False  # its engine died with it in flight: continued elsewhere
     return_s: float = 0.0  # engine -> client latency of the current placement
     sent_tokens: int = 0  # output tokens the client has (for a continuation)
     queued_until: float | None = None
@@ -542,7 +543,9 @@ class Simulator:
             prefix=job.prefix,
             prefix_block_tokens=MOONCAKE_BLOCK_TOKENS,
             key=job.item.id,
-            waited_s=now - job.arrived_at,
+            # a request that lost its engine is the fleet's to finish, late or not (as the gateway's
+            # continuation does): its age is not counted against its TTFT
+            waited_s=0.0 if job.lost_engine else now - job.arrived_at,
         )
         cands = router.policy.choose(routed, self._views(router, now), self._region_views(router), now)
         if cands and cands[0].hold_s is not None:
@@ -895,6 +898,7 @@ class Simulator:
                 job.rec.continued = True
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
             job.live = None
+            job.lost_engine = True
             self._unforward(job)
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)

@@ -373,3 +373,32 @@ def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin
             await bed.close()
 
     run(main())
+
+
+def test_a_stream_continued_at_a_peer_is_not_refused_for_its_age(tmp_path):
+    """A continuation forwarded to a peer is the fleet's to finish, late or not: its engine failed,
+    not its client. Its age is not counted against its TTFT (the waited header says 0); counted, the
+    peer took it for a request that can no longer meet its TTFT SLO, refused it, and the stream broke."""
+
+    async def main():
+        regions = (
+            RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=2),  # forwards everything
+            RegionSpec("gcp", "us-central1", "H100-80GB", engines=1, blocks=512, instance_type="a3-highgpu-1g"),
+            RegionSpec(
+                "azure", "eastus", "A100-80GB", engines=1, blocks=256, tier="spot",
+                instance_type="Standard_NC24ads_A100_v4",
+            ),  # fmt: skip
+        )
+        # TTFT SLO 150 ms; in real time the stream's first 20 tokens take longer than that
+        bed = await start_fleet(tmp_path, regions, time_scale=1, slo_ttft_ms=150)
+        try:
+            await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 20})
+            await settle(bed)
+            a = await ask(bed.session, bed[AWS].url, max_tokens=40, content="continued past its TTFT target")
+            assert a.complete, a.error
+            assert a.tokens == 40 and len(a.ids) == 1
+            assert engine_requests(bed, AZURE) >= 1
+        finally:
+            await bed.close()
+
+    run(main())

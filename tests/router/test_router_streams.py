@@ -109,6 +109,15 @@ def test_usage_after_a_continuation_is_the_whole_answers(tmp_path):
         try:
             await bed[AWS].engines[0].set_faults({"break_stream_after_tokens": 5})
             for chat in (True, False):
+                if not chat:
+                    # the first loop's broken streams may have opened the faulty engine's breaker:
+                    # let it half-open, so that this loop's requests reach that engine too
+                    await asyncio.sleep(bed.router_settings["breaker_cooldown_s"] + 0.2)
+                # a long answer keeps the healthy engine busy, so the router prefers the faulty one
+                # (the two are otherwise alike, and which one it takes would be up to timing)
+                busy = asyncio.create_task(ask(bed.session, bed[AWS].engines[1].url, max_tokens=3800,
+                                               content="keep busy", timeout=60))  # fmt: skip
+                await asyncio.sleep(0.3)  # a few scrape rounds: the router sees it running
                 continued = 0
                 for i in range(8):
                     content = f"how big is a KV cache? ({i})"
@@ -123,6 +132,7 @@ def test_usage_after_a_continuation_is_the_whole_answers(tmp_path):
                     after = await router_metric(bed.session, url, "gpufleet_router_continuations_total", outcome="ok")
                     continued += after > before
                 assert continued >= 1, chat  # some of them really were continued
+                assert (await busy).complete
         finally:
             await bed.close()
 
