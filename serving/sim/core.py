@@ -761,6 +761,11 @@ class Simulator:
     def _reject(self, job: _Job, now: float) -> None:
         if job.done:
             return
+        if job.lost_engine:
+            # the gateway took it and its engine died: a continuation that finds no engine ends the
+            # client's answer with an error (continuation.py), a failure, not a clean 429
+            self._fail(job, now, "the stream broke and could not be continued")
+            return
         self._close(job)
         job.rec.outcome = REJECTED
         job.rec.error = "429"
@@ -899,6 +904,7 @@ class Simulator:
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
             job.live = None
             job.lost_engine = True
+            job.queued_until = None  # its wait for room, if it finds none, starts now
             self._unforward(job)
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
