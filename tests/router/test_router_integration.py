@@ -340,24 +340,25 @@ def test_a_queued_request_waits_for_its_first_token_until_its_deadline(tmp_path)
     run(main())
 
 
+FORWARDING = (
+    # Too small for the request: the origin forwards it.
+    RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=2),
+    # The preferred peer (on-demand, most room): where the tests break its streams.
+    RegionSpec("gcp", "us-central1", "H100-80GB", engines=1, blocks=512, instance_type="a3-highgpu-1g"),
+    # The last resort (spot): where the origin continues.
+    RegionSpec(
+        "azure", "eastus", "A100-80GB", engines=1, blocks=256, tier="spot", instance_type="Standard_NC24ads_A100_v4",
+    ),  # fmt: skip
+)
+
+
 def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin(tmp_path):
     """A peer that received a forwarded request may not hop again; when its engine breaks the stream
     and it has no other engine, the ORIGIN router (which owns the client's stream) continues it in a
     third region, and the client still sees one complete stream."""
 
     async def main():
-        regions = (
-            # Too small for the request: the origin forwards it.
-            RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=2),
-            # The preferred peer (on-demand, most room): its only engine breaks every stream.
-            RegionSpec("gcp", "us-central1", "H100-80GB", engines=1, blocks=512, instance_type="a3-highgpu-1g"),
-            # The last resort (spot): where the origin continues.
-            RegionSpec(
-                "azure", "eastus", "A100-80GB", engines=1, blocks=256, tier="spot",
-                instance_type="Standard_NC24ads_A100_v4",
-            ),  # fmt: skip
-        )
-        bed = await start_fleet(tmp_path, regions, time_scale=20)
+        bed = await start_fleet(tmp_path, FORWARDING, time_scale=20)
         try:
             await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
             await settle(bed)
@@ -381,16 +382,8 @@ def test_a_stream_continued_at_a_peer_is_not_refused_for_its_age(tmp_path):
     peer took it for a request that can no longer meet its TTFT SLO, refused it, and the stream broke."""
 
     async def main():
-        regions = (
-            RegionSpec("aws", "us-east-1", "H100-80GB", engines=1, blocks=2),  # forwards everything
-            RegionSpec("gcp", "us-central1", "H100-80GB", engines=1, blocks=512, instance_type="a3-highgpu-1g"),
-            RegionSpec(
-                "azure", "eastus", "A100-80GB", engines=1, blocks=256, tier="spot",
-                instance_type="Standard_NC24ads_A100_v4",
-            ),  # fmt: skip
-        )
         # TTFT SLO 150 ms; in real time the stream's first 20 tokens take longer than that
-        bed = await start_fleet(tmp_path, regions, time_scale=1, slo_ttft_ms=150)
+        bed = await start_fleet(tmp_path, FORWARDING, time_scale=1, slo_ttft_ms=150)
         try:
             await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 20})
             await settle(bed)
