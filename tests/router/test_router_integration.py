@@ -352,46 +352,39 @@ FORWARDING = (
 )
 
 
+async def _broken_at_the_peer(tmp_path, break_after: int, content: str, **fleet) -> tuple:
+    """One request into FORWARDING's origin, forwarded to gcp, whose engine breaks every stream after
+    `break_after` tokens: (the client's answer, requests gcp's and azure's engines got, continuations
+    the origin completed)."""
+    bed = await start_fleet(tmp_path, FORWARDING, **fleet)
+    try:
+        await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": break_after})
+        await settle(bed)
+        a = await ask(bed.session, bed[AWS].url, max_tokens=40, content=content)
+        ok = await router_metric(bed.session, bed[AWS].url, "gpufleet_router_continuations_total", outcome="ok")
+        return a, engine_requests(bed, GCP), engine_requests(bed, AZURE), ok
+    finally:
+        await bed.close()
+
+
 def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin(tmp_path):
     """A peer that received a forwarded request may not hop again; when its engine breaks the stream
     and it has no other engine, the ORIGIN router (which owns the client's stream) continues it in a
     third region, and the client still sees one complete stream."""
-
-    async def main():
-        bed = await start_fleet(tmp_path, FORWARDING, time_scale=20)
-        try:
-            await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
-            await settle(bed)
-            a = await ask(bed.session, bed[AWS].url, max_tokens=40, content="forwarded then broken")
-            assert a.complete, a.error
-            assert a.tokens == 40 and len(a.ids) == 1
-            assert engine_requests(bed, GCP) >= 1 and engine_requests(bed, AZURE) >= 1
-            assert (
-                await router_metric(bed.session, bed[AWS].url, "gpufleet_router_continuations_total", outcome="ok")
-                >= 1
-            )
-        finally:
-            await bed.close()
-
-    run(main())
+    a, gcp, azure, continued = run(_broken_at_the_peer(tmp_path, 5, "forwarded then broken", time_scale=20))
+    assert a.complete, a.error
+    assert a.tokens == 40 and len(a.ids) == 1
+    assert gcp >= 1 and azure >= 1 and continued >= 1
 
 
 def test_a_stream_continued_at_a_peer_is_not_refused_for_its_age(tmp_path):
     """A continuation forwarded to a peer is the fleet's to finish, late or not: its engine failed,
     not its client. Its age is not counted against its TTFT (the waited header says 0); counted, the
     peer took it for a request that can no longer meet its TTFT SLO, refused it, and the stream broke."""
-
-    async def main():
-        # TTFT SLO 150 ms; in real time the stream's first 20 tokens take longer than that
-        bed = await start_fleet(tmp_path, FORWARDING, time_scale=1, slo_ttft_ms=150)
-        try:
-            await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 20})
-            await settle(bed)
-            a = await ask(bed.session, bed[AWS].url, max_tokens=40, content="continued past its TTFT target")
-            assert a.complete, a.error
-            assert a.tokens == 40 and len(a.ids) == 1
-            assert engine_requests(bed, AZURE) >= 1
-        finally:
-            await bed.close()
-
-    run(main())
+    # TTFT SLO 150 ms; in real time the stream's first 20 tokens take longer than that
+    a, _, azure, continued = run(
+        _broken_at_the_peer(tmp_path, 20, "continued past its TTFT target", time_scale=1, slo_ttft_ms=150)
+    )
+    assert a.complete, a.error
+    assert a.tokens == 40 and len(a.ids) == 1
+    assert azure >= 1 and continued >= 1
