@@ -386,9 +386,14 @@ class EngineStats:
     itl_tokens_total: int = 0
 
     @property
+    def capacity_tokens(self) -> int:
+        """Usable KV tokens: every block but the null block (a request cannot grow past this)."""
+        return (self.num_gpu_blocks - 1) * self.block_size
+
+    @property
     def free_tokens(self) -> float:
-        """ARCHITECTURE.md's headroom before router accounting: (1 - usage) * blocks * block_size."""
-        return (1.0 - self.kv_cache_usage) * self.num_gpu_blocks * self.block_size
+        """ARCHITECTURE.md's headroom before router accounting: (1 - usage) * usable tokens."""
+        return (1.0 - self.kv_cache_usage) * self.capacity_tokens
 
 
 @dataclass

@@ -120,9 +120,18 @@ async def continue_stream(
         await out.write(b"data: [DONE]\n\n")
         router.metrics.outcome(broken.region, "ok")
         return True
+    settings = router.config.settings
     failed = {broken.target}
+    # Targets that answered 429: full a moment ago, not broken. They are asked again once room may
+    # have come (the next scrape round), within the wait for room, and do not spend the retry budget.
+    full: set[str] = set()
+    # Nothing has room now (the failed engines' load just moved to the rest): wait for room as
+    # admission does, up to queue_wait_s from the break, rather than break the stream at once. A
+    # request forwarded by a peer does not wait, as in admission: its origin has other regions.
+    wait = settings.queue_wait_s if job.routed.allow_remote else 0.0
+    wait_until = min(job.deadline, router.clock() + wait)
     attempts = 0
-    while attempts <= router.config.settings.retry_budget and router.clock() < job.deadline:
+    while attempts <= settings.retry_budget and router.clock() < job.deadline:
         # Nothing relayed yet: the original request is its own continuation.
         payload = (
             continuation_payload(job.kind, job.payload, "".join(stream.text), stream.tokens)
@@ -133,15 +142,12 @@ async def continue_stream(
             break
         stream.prior_tokens = stream.tokens
         # The new engine holds the prompt, the text so far and the rest: the same demand.
-        routed = replace(job.routed, exclude=frozenset(failed))
-        cands = router.choose(routed)
-        # Nothing has room now (the failed engines' load just moved to the rest): wait for room as
-        # admission does, up to queue_wait_s, rather than break the stream at once.
-        until = min(job.deadline, router.clock() + router.config.settings.queue_wait_s)
-        while not cands and (left := until - router.clock()) > 0:
+        cands = router.choose(replace(job.routed, exclude=frozenset(failed | full)))
+        while not cands and (left := wait_until - router.clock()) > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(router.room_event().wait(), left)
-            cands = router.choose(routed)
+            full.clear()
+            cands = router.choose(replace(job.routed, exclude=frozenset(failed)))
         cand = router.take(cands)
         if cand is None:
             break
@@ -157,8 +163,13 @@ async def continue_stream(
             try:
                 resp = await router.open_upstream(cand, job, body, continuation=True)
             except Upstream as exc:
-                failed.add(cand.target)
-                router.record(cand, ok=False) if exc.penalize else router.release(cand)
+                if exc.penalize:
+                    failed.add(cand.target)
+                    router.record(cand, ok=False)
+                else:  # full (429), not broken
+                    full.add(cand.target)
+                    router.release(cand)
+                    attempts -= 1
                 continue
             if resp.status != 200:
                 failed.add(cand.target)

@@ -37,8 +37,8 @@ class EngineView:
 
     id: str  # the engine's base URL in the router
     region: str
-    free_tokens: float  # (1 - kv_cache_usage) * num_gpu_blocks * block_size, at the sample
-    capacity_tokens: float = 0.0  # num_gpu_blocks * block_size
+    free_tokens: float  # (1 - kv_cache_usage) * (num_gpu_blocks - 1) * block_size, at the sample
+    capacity_tokens: float = 0.0  # (num_gpu_blocks - 1) * block_size: block 0 is the null block
     kv_usage: float = 0.0
     running: int = 0
     waiting: int = 0

@@ -66,7 +66,9 @@ class Sample:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_gpu_blocks * self.block_size
+        """The tokens one request may grow to: block 0 is vLLM's null block, never handed out. A
+        request past this stalls the engine (vllm-project/vllm#35541), so nothing larger is sent."""
+        return max(self.num_gpu_blocks - 1, 0) * self.block_size
 
 
 def _parse_labels(text: str) -> dict[str, str]:
@@ -169,8 +171,9 @@ def parse_metrics(text: str, taken_at: float) -> Sample:
             raise MetricsError(f"no kv cache usage (vllm:kv_cache_usage_perc) for engine {core!r}")
         if not 0.0 <= usage <= 1.0 or n_blocks < 0 or bsize <= 0:
             raise MetricsError(f"out of range: usage {usage}, blocks {n_blocks}, block size {bsize}")
-        free += (1.0 - usage) * n_blocks * bsize
-        used += usage * n_blocks * bsize
+        usable = max(n_blocks - 1, 0) * bsize  # usage = 1 - free / (blocks - 1): the null block
+        free += (1.0 - usage) * usable
+        used += usage * usable
         blocks += n_blocks
         block_size = max(block_size, bsize)
         totals["running"] += series.get(RUNNING, 0.0)

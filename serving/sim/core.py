@@ -314,7 +314,7 @@ class Simulator:
                 _SimEngine(f"{r.key}/e{i}", r.key, self._engine(resolved, f"{r.key}/e{i}")) for i in range(n)
             ]
             self.engines += engines
-            self.capacity[r.key] = n * resolved.num_gpu_blocks * resolved.block_size
+            self.capacity[r.key] = n * (resolved.num_gpu_blocks - 1) * resolved.block_size
             it = r.instance(tp)
             price = catalog.price(r.cloud.value, r.region, it.name)
             if price is None:
@@ -350,7 +350,12 @@ class Simulator:
             for router in self.routers.values():
                 router.policy, router.ledger, router.outstanding = first.policy, first.ledger, first.outstanding
                 router.by_id = by_id
-        self.max_model_len = min(e.engine.cfg.max_model_len for e in self.engines)
+        # the longest request every engine takes: its context limit, and its cache less the null block
+        # (a request past that would stall the engine, as in vLLM: vllm-project/vllm#35541)
+        self.max_model_len = min(
+            min(e.engine.cfg.max_model_len, (e.engine.cfg.num_gpu_blocks - 1) * e.engine.cfg.block_size)
+            for e in self.engines
+        )
         self._by_id = {e.id: e for e in self.engines}
 
     def _engine(self, resolved, name: str) -> VirtualEngine:
@@ -459,7 +464,7 @@ class Simulator:
                     id=e.id,
                     region=e.region,
                     free_tokens=s.free_tokens if s else 0.0,
-                    capacity_tokens=float(s.num_gpu_blocks * s.block_size) if s else 0.0,
+                    capacity_tokens=float(s.capacity_tokens) if s else 0.0,
                     kv_usage=s.kv_cache_usage if s else 1.0,
                     running=s.num_running if s else 0,
                     waiting=s.num_waiting if s else 0,
@@ -850,7 +855,7 @@ class Simulator:
             router.peer_engines = tuple(
                 EngineView(
                     id=e.id, region=e.region, free_tokens=es.free_tokens,
-                    capacity_tokens=float(es.num_gpu_blocks * es.block_size),
+                    capacity_tokens=float(es.capacity_tokens),
                     kv_usage=es.kv_cache_usage, running=es.num_running, waiting=es.num_waiting,
                     sampled_at=now, recent_itl_s=e.itl, pending_tokens=pending, profile=e.profile,
                     recent_prompt_tokens=e.prompt_delta, recent_itl_tokens=e.itl_delta,

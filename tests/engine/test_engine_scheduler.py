@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from gpufleet.serving.engine import tokenizer as tk
 from gpufleet.serving.engine.model import Request, leak_check
 from hypothesis import given, settings
@@ -106,6 +107,27 @@ def test_a_lone_request_that_cannot_grow_preempts_itself_and_waits():
     assert plan is None or not plan.scheduled
     assert e.num_preemptions == 1 and e.waiting[0].request_id == "a"
     leak_check(e)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_request_fits_while_its_computed_tokens_fit_the_usable_blocks_and_one_past_stalls_for_good(caching):
+    # 4 usable blocks = 64 tokens. The last output token's KV is never computed, so prompt + output
+    # may be 65. At 66 the request preempts itself near its end and never gets back in: vLLM's
+    # scheduler does the same (vllm-project/vllm#35541), which is why the router's capacity is the
+    # usable blocks (signals.Sample.capacity_tokens) and nothing larger is sent.
+    fits = small_engine(blocks=5, budget=512, max_model_len=128, caching=caching)
+    fits.add_request(req("a", 40, 25))
+    run_to_end(fits)
+    assert fits.num_preemptions == 0 and fits.stats().capacity_tokens == 64
+    stalls = small_engine(blocks=5, budget=512, max_model_len=128, caching=caching)
+    stalls.add_request(req("a", 40, 26))
+    now = 0.0
+    while (plan := stalls.schedule(now)) is not None:
+        now += plan.duration
+        stalls.commit(plan, now)
+    assert stalls.num_preemptions == 1 and stalls.has_work() and stalls.num_running == 0
+    assert stalls.schedule(now + 1.0) is None and stalls.num_free_blocks == 4  # free, yet never taken
+    leak_check(stalls)
 
 
 def test_prefix_hits_are_full_blocks_capped_at_prompt_len_minus_one_and_counted_in_tokens():

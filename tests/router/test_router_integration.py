@@ -377,6 +377,47 @@ def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin
     assert gcp >= 1 and azure >= 1 and continued >= 1
 
 
+def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tmp_path):
+    """The only region left to continue a stream answers 429: full for a moment, not broken. The
+    origin asks it again after the next round instead of dropping it for good and breaking the
+    client's stream (what `gpufleet demo` showed through its region failure)."""
+
+    async def main():
+        # Slow rounds: the origin's view of azure stays as it was (room) while azure fills up.
+        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 3.0}
+        bed = await start_fleet(tmp_path, FORWARDING, time_scale=20, router=slow)
+        try:
+            await bed.wait_ready()
+            await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
+            # Just after the origin read azure's summary: ~2 s before it reads it again.
+            origin = bed[AWS].router
+            read_at = origin.peer_summaries[AZURE][0]
+            while origin.peer_summaries[AZURE][0] == read_at:
+                await asyncio.sleep(0.005)
+            # Every router's rounds start together: azure scrapes its engine about now too. Away from
+            # that, so azure's view of the filler is its router's own account, not a scrape taken
+            # halfway through its prefill.
+            await asyncio.sleep(0.5)
+            # ~4,000 of azure's 4,080 tokens for ~0.2 s: the continuation (about 400 tokens) would
+            # outgrow what is left before the filler ends.
+            filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
+            while engine_requests(bed, AZURE) == 0:
+                await asyncio.sleep(0.002)
+            a = await ask(bed.session, bed[AWS].url, max_tokens=400, content="continued where room comes")
+            assert (await filler).complete
+            assert a.complete, a.error
+            assert a.tokens == 400 and len(a.ids) == 1
+            # azure did refuse it while full, and then served it
+            assert await router_metric(bed.session, bed[AZURE].url, "gpufleet_router_rejected_total") >= 1
+            assert engine_requests(bed, AZURE) == 2
+            ok = await router_metric(bed.session, bed[AWS].url, "gpufleet_router_continuations_total", outcome="ok")
+            assert ok == 1
+        finally:
+            await bed.close()
+
+    run(main())
+
+
 def test_a_stream_continued_at_a_peer_is_not_refused_for_its_age(tmp_path):
     """A continuation forwarded to a peer is the fleet's to finish, late or not: its engine failed,
     not its client. Its age is not counted against its TTFT (the waited header says 0); counted, the

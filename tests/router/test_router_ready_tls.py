@@ -117,7 +117,7 @@ def _one_region_fleet(tmp_path: Path, router: dict | None = None, engines=("http
 
 
 def _sample(blocks: int, usage: float, waiting: int, at: float) -> Sample:
-    cap = blocks * 16
+    cap = (blocks - 1) * 16  # block 0 is the null block
     return Sample(
         kv_usage=usage, num_gpu_blocks=blocks, block_size=16, free_tokens=(1 - usage) * cap, running=1,
         waiting=waiting, preemptions_total=0, prefix_queries_total=0, prefix_hits_total=0,
@@ -146,11 +146,11 @@ def test_scale_report_from_router_state(tmp_path):
     router.queued, router.queued_tokens = 1, 10
     assert scale_report(router, now)["desired_engines"] == 1  # a request waits: at least one engine
 
-    # Engines report 96 blocks x 16 = 1536 tokens: 1152 at the target fill.
+    # Engines report 97 blocks, 96 usable x 16 = 1536 tokens: 1152 at the target fill.
     one, two, three = (router.scraper.engines[u] for u in urls)
-    one.record(_sample(96, 0.5, waiting=1, at=now - 0.5))  # 768 in use, 1 waiting = 512
-    two.record(_sample(96, 0.25, waiting=0, at=now - 0.5))  # 384 in use
-    three.record(_sample(96, 0.9, waiting=4, at=now - 10))  # stale: its size counts, its load not
+    one.record(_sample(97, 0.5, waiting=1, at=now - 0.5))  # 768 in use, 1 waiting = 512
+    two.record(_sample(97, 0.25, waiting=0, at=now - 0.5))  # 384 in use
+    three.record(_sample(97, 0.9, waiting=4, at=now - 10))  # stale: its size counts, its load not
     router.queued, router.queued_tokens = 1, 300
     router.unmet.spill_started(object(), 600, now - 1)
     router.unmet.refused(200, now - 1.5)
@@ -177,8 +177,8 @@ def test_scale_report_from_router_state(tmp_path):
     }
     # The refusal leaves the window after a minute: 2564 / 1152 = 2.2 -> still 3; the spill is in flight.
     now += 61
-    one.record(_sample(96, 0.5, waiting=1, at=now))
-    two.record(_sample(96, 0.25, waiting=0, at=now))
+    one.record(_sample(97, 0.5, waiting=1, at=now))
+    two.record(_sample(97, 0.25, waiting=0, at=now))
     assert scale_report(router, now)["refused_tokens"] == 0
 
 
@@ -228,9 +228,10 @@ def test_ready_and_scale_endpoints(tmp_path):
                 assert r.status == 200
                 idle = await r.json()
             assert idle["desired_engines"] == 0 and idle["demand_tokens"] == 0
-            assert (idle["capacity_per_engine_tokens"], idle["capacity_source"]) == (1536, "engines")
+            # 96 blocks, less the null block
+            assert (idle["capacity_per_engine_tokens"], idle["capacity_source"]) == (95 * 16, "engines")
 
-            # A request that fits no engine of 1536 tokens can never be served here: 400, not a 429
+            # A request that fits no engine of 1520 tokens can never be served here: 400, not a 429
             # that would have the client retry (and not demand for more engines of the same size).
             never = await ask(s, url, max_tokens=1600, content="x" * 40)  # need 10 + 1600 tokens
             assert never.status == 400 and "more than any engine" in never.error
@@ -247,7 +248,7 @@ def test_ready_and_scale_endpoints(tmp_path):
                 busy = await r.json()
             assert busy["refused_tokens"] == 1010
             assert busy["demand_tokens"] >= 1010 + busy["kv_in_use_tokens"]
-            assert busy["desired_engines"] == math.ceil(busy["demand_tokens"] / (1536 * 0.75)) >= 1
+            assert busy["desired_engines"] == math.ceil(busy["demand_tokens"] / (1520 * 0.75)) >= 1
             assert all(a.complete for a in await asyncio.gather(*hold))
 
             # Drained: not ready (503, OpenAI-style), so DNS stops sending clients here.

@@ -4,6 +4,8 @@ and garbage (which must raise MetricsError and nothing else)."""
 from __future__ import annotations
 
 import pytest
+from gpufleet.serving.engine.metrics import EngineMetrics
+from gpufleet.serving.engine.model import Engine, EngineConfig, Request
 from gpufleet.serving.router.signals import EngineState, MetricsError, parse_metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,8 @@ def test_current_names():
     s = parse_metrics(CURRENT, taken_at=10.0)
     assert (s.num_gpu_blocks, s.block_size) == (1000, 16)
     assert s.kv_usage == pytest.approx(0.25)
-    assert s.free_tokens == pytest.approx(0.75 * 1000 * 16)
+    assert s.free_tokens == pytest.approx(0.75 * 999 * 16)  # usage is over every block but the null one
+    assert s.capacity_tokens == 999 * 16
     assert (s.running, s.waiting) == (7, 2)
     assert s.preemptions_total == 3
     assert (s.prefix_queries_total, s.prefix_hits_total) == (1000, 400)
@@ -39,7 +42,7 @@ def test_current_name_wins_when_both_present():
 def test_data_parallel_cores_add_up():
     # Each core's cache_config_info says 200 blocks, the sum (as vLLM 0.11 labels it): 100 each.
     s = parse_metrics(DATA_PARALLEL, 0.0)
-    assert s.free_tokens == pytest.approx(0.5 * 1600 + 1600)
+    assert s.free_tokens == pytest.approx(0.5 * 99 * 16 + 99 * 16)  # each core has its null block
     assert s.num_gpu_blocks == 200 and s.running == 4
     assert s.kv_usage == pytest.approx(0.25)
 
@@ -52,10 +55,23 @@ def test_four_data_parallel_cores_each_hold_a_quarter_of_the_reported_sum():
         for c, u in usage.items()
     )
     s = parse_metrics(text, 0.0)
-    assert s.num_gpu_blocks == 4000 and s.capacity_tokens == 4000 * 16  # not 4 x 4000
-    assert s.free_tokens == pytest.approx(sum(1 - u for u in usage.values()) * 1000 * 16)
+    assert s.num_gpu_blocks == 4000 and s.capacity_tokens == 3999 * 16  # not 4 x 4000
+    assert s.free_tokens == pytest.approx(sum(1 - u for u in usage.values()) * 999 * 16)
     # One engine core: the label is its own blocks.
     assert parse_metrics(text.split("vllm:kv_cache_usage_perc{engine=\"1\"")[0], 0.0).num_gpu_blocks == 4000
+
+
+def test_free_tokens_read_from_an_engine_are_its_free_blocks_and_capacity_leaves_out_the_null_block():
+    # The engine model's /metrics, read back by the router's parser: the headroom the router sees is
+    # exactly the engine's free blocks, and its capacity the largest request that cannot stall it.
+    engine = Engine(EngineConfig(num_gpu_blocks=65, max_model_len=2048, enable_prefix_caching=False))
+    metrics = EngineMetrics(engine, "m")
+    engine.add_request(Request("a", prompt_len=100, max_tokens=50, ignore_eos=True))
+    engine.commit(plan := engine.schedule(0.0), plan.duration)
+    s = parse_metrics(metrics.render(), 0.0)
+    assert engine.num_free_blocks == 64 - 7  # 101 tokens in 16-token blocks
+    assert s.free_tokens == pytest.approx(engine.num_free_blocks * 16)
+    assert s.capacity_tokens == engine.stats().capacity_tokens == 64 * 16
 
 
 def test_extra_labels_and_escapes_tolerated():
