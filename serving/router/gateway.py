@@ -37,7 +37,7 @@ from gpufleet.serving.router.config import RegionInfo, RouterConfig
 from gpufleet.serving.router.continuation import continuation_payload
 from gpufleet.serving.router.errors import HttpError, error_body, error_response, json_errors, snippet, upstream_error
 from gpufleet.serving.router.front import LeanClientOut, LeanRequest
-from gpufleet.serving.router.limits import GatewayRunner, ServerLimits
+from gpufleet.serving.router.limits import LISTEN_BACKLOG, GatewayRunner, ServerLimits
 from gpufleet.serving.router.metrics import RouterMetrics
 from gpufleet.serving.router.parsing import (
     DEFAULT_MAX_TOKENS,
@@ -472,7 +472,9 @@ class Router:
         self._runner = GatewayRunner(self.app(), self.limits, hot, self.config.settings.max_body_bytes)  # type: ignore[arg-type]
         await self._runner.setup()
         site: web.BaseSite = (
-            web.SockSite(self._runner, sock) if sock else web.TCPSite(self._runner, host, port)
+            web.SockSite(self._runner, sock, backlog=LISTEN_BACKLOG)
+            if sock
+            else web.TCPSite(self._runner, host, port, backlog=LISTEN_BACKLOG)
         )
         await site.start()
         self.port = (sock or site._server.sockets[0]).getsockname()[1]  # type: ignore[union-attr]
@@ -485,9 +487,9 @@ class Router:
         the certificate and key when their files change. One connection cap covers both."""
         assert self._runner is not None, "start() first"
         site: web.BaseSite = (
-            web.SockSite(self._runner, sock, ssl_context=tls.context)
+            web.SockSite(self._runner, sock, ssl_context=tls.context, backlog=LISTEN_BACKLOG)
             if sock
-            else web.TCPSite(self._runner, host, port, ssl_context=tls.context)
+            else web.TCPSite(self._runner, host, port, ssl_context=tls.context, backlog=LISTEN_BACKLOG)
         )
         await site.start()
         self.tls = tls

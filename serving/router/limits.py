@@ -48,6 +48,10 @@ MAX_FIELD_SIZE = 8190
 LINGERING_TIME_S = 1.0
 REFUSAL_LINGER_S = 0.5  # a refused connection is read (and dropped) this long, so the client sees the 503
 MAX_LINGERING_REFUSALS = 64  # more at once are closed at once
+# Connections the kernel completes and queues while the router's loop is busy (aiohttp's default is
+# 128; Linux caps it at net.core.somaxconn). Past it a client's SYN is dropped and it sees a connect
+# timeout after seconds: a burst of new connections during a busy moment waits here instead.
+LISTEN_BACKLOG = 2048
 
 log = logging.getLogger("gpufleet.router")
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,41 @@ def test_past_the_connection_cap_a_client_gets_a_clean_503_then_service_resumes(
                 w.close()
         finally:
             bed.session = aiohttp.ClientSession()  # closed above; FleetBed.close closes it again
+            await bed.close()
+
+    run(main())
+
+
+def test_connections_that_arrive_while_the_router_is_busy_wait_in_the_kernel_not_time_out(tmp_path):
+    """While the router's loop is busy (here: blocked 1.5 s), the kernel completes new connections
+    into the listen queue. aiohttp's default queue is 128 deep: past it a SYN is dropped and the
+    client's connect times out. 400 connections in a row all complete, and are served after."""
+
+    async def main():
+        bed = await start_fleet(tmp_path, ONE, time_scale=50)
+        port = bed[AWS].router.port
+        try:
+
+            def connect_all() -> list[socket.socket | None]:
+                out: list[socket.socket | None] = []
+                for _ in range(400):
+                    try:
+                        out.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+                    except OSError:  # timed out: the SYN was dropped
+                        out.append(None)
+                return out
+
+            loop = asyncio.get_running_loop()
+            loop.call_soon(time.sleep, 1.5)  # the loop stalls: nothing is accepted meanwhile
+            opened = await asyncio.to_thread(connect_all)
+            try:
+                assert sum(s is None for s in opened) == 0
+            finally:
+                for s in opened:
+                    if s is not None:
+                        s.close()
+            assert (await ask(bed.session, bed[AWS].url, max_tokens=4)).complete
+        finally:
             await bed.close()
 
     run(main())
