@@ -103,6 +103,9 @@ def _check_stream_options(body: dict) -> None:
 # How late (wall seconds) a busy engine's next step may start and still follow the previous one
 # back to back in engine time: the event loop's timer granularity and the work between two steps.
 CATCH_UP_S = 0.005
+# vLLM's API server runs on uvicorn, whose listen backlog defaults to 2048 (uvicorn docs, settings,
+# --backlog); aiohttp's is 128.
+LISTEN_BACKLOG = 2048
 
 
 class EmulatorServer:
@@ -213,7 +216,7 @@ class EmulatorServer:
         self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self.runner.setup()
         self.host = host
-        self.site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        self.site = web.TCPSite(self.runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
         try:
             await self.site.start()
         except OSError as exc:
@@ -281,7 +284,7 @@ class EmulatorServer:
             self._reopen.cancel()
         self._reopen = None
         if self.site is None and self.runner is not None:
-            self.site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
+            self.site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG)
             await self.site.start()
 
     async def _reopen_after(self, seconds: float) -> None:
