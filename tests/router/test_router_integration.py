@@ -383,9 +383,12 @@ def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tm
     client's stream (what `gpufleet demo` showed through its region failure)."""
 
     async def main():
-        # Slow rounds: the origin's view of azure stays as it was (room) while azure fills up.
-        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 3.0}
-        bed = await start_fleet(tmp_path, FORWARDING, time_scale=20, router=slow)
+        # Slow rounds: the origin's view of azure stays as it was (room) while azure fills up. A low
+        # time scale: the filler's prefill and first tokens (after which azure's router counts only
+        # what it has yet to grow, against a sample taken before it) take ~0.2 s, several times the
+        # continuation's way to azure.
+        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 6.0}
+        bed = await start_fleet(tmp_path, FORWARDING, time_scale=2, router=slow)
         try:
             await bed.wait_ready()
             await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
@@ -398,7 +401,7 @@ def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tm
             # that, so azure's view of the filler is its router's own account, not a scrape taken
             # halfway through its prefill.
             await asyncio.sleep(0.5)
-            # ~4,000 of azure's 4,080 tokens for ~0.2 s: the continuation (about 400 tokens) would
+            # ~4,000 of azure's 4,080 tokens for ~2 s: the continuation (about 400 tokens) would
             # outgrow what is left before the filler ends.
             filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
             while engine_requests(bed, AZURE) == 0:
