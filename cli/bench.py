@@ -138,6 +138,12 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (FleetRunError, loadgen.WorkloadError) as exc:
             fail(str(exc), EXIT_BAD_INPUT if isinstance(exc, loadgen.WorkloadError) else 3)
+        from gpufleet.serving.fleetrun import STALL_WARN
+
+        behind = [r.policy for r in runs if (r.extra.get("emulator_stalled_share") or 0.0) > STALL_WARN]
+        if behind:
+            notes.append(f"emulated engines fell behind the time scale (stalled > {100 * STALL_WARN:.0f}% of "
+                         f"their stepping) in: {', '.join(behind)}; those runs' latencies measure the machine")
         path = write_report(runs, report_dir, title="gpufleet bench", notes=notes)
         out.print(f"report: {path}")
 
@@ -150,3 +156,8 @@ def _line(out, run) -> None:
         f"goodput {s.goodput_rps:6.2f}/s SLO {100 * s.slo_attainment:5.1f}% p99 TTFT {p99:>9} "
         f"failed {s.failed} (in failure {run.failed_during_failure}) 429 {s.rejected}"
     )
+    from gpufleet.serving.fleetrun import stall_warning
+
+    warning = stall_warning(run.extra.get("emulator_stalled_share"))
+    if warning:
+        out.print(f"     [yellow]{warning}[/yellow]")

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
 
         from gpufleet.cli.common import console, load_fleet_or_exit
         from gpufleet.serving.demo import DEMO_REGIONS, DemoConfig, run_demo
-        from gpufleet.serving.fleetrun import FleetRunError
+        from gpufleet.serving.fleetrun import FleetRunError, stall_warning
         from gpufleet.serving.loadgen import WorkloadError
         from gpufleet.serving.outcomes import summarize
 
@@ -106,6 +106,8 @@ def register(app: typer.Typer) -> None:
                 f"outside the client's region {s.spilled}; streams continued after a failure "
                 f"{arm.continuations:.0f}"
             )
+            if warning := stall_warning(arm.stalled_share):
+                out.print(f"  [yellow]{arm.label}: {warning}[/yellow]")
         if len(summaries) == 2 and summaries[1].goodput_rps:
             a, b = result.arms
             out.print(f"goodput {a.label} / {b.label}: {summaries[0].goodput_rps / summaries[1].goodput_rps:.2f}x")

@@ -133,6 +133,7 @@ def http_run(
             # One global router: every client region's requests go to it.
             targets = {k: f"http://127.0.0.1:{port}" for k in setup.regions}
         records = asyncio.run(_replay(items, targets, model, time_scale, lf, setup, events))
+        stalled = lf.stalled_share()
     ttft, tpot = fleet.slo.ttft_ms / 1000, fleet.slo.tpot_ms / 1000
     duration = max(i.at_s for i in items)
     failed = 0
@@ -144,7 +145,8 @@ def http_run(
         summary=summarize(records, ttft, tpot, duration), failure=setup.failure,
         failed_during_failure=failed,
         records=records, events=events,
-        extra={"time_scale": time_scale, "gpu": {k: fleet.region(k).gpu for k in setup.regions}},
+        extra={"time_scale": time_scale, "gpu": {k: fleet.region(k).gpu for k in setup.regions},
+               **({} if stalled is None else {"emulator_stalled_share": round(stalled, 4)})},
     )  # fmt: skip
 
 

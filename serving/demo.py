@@ -71,6 +71,7 @@ class Arm:
     continuations: float = 0.0
     kv_series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     lf: Any = None  # its LocalFleet while running
+    stalled_share: float | None = None  # its emulated engines' (LocalFleet.stalled_share), at the end
 
     @property
     def label(self) -> str:
@@ -211,7 +212,7 @@ async def run_demo(fleet, cfg: DemoConfig, workdir: Path, out=None) -> DemoResul
     import contextlib
 
     import aiohttp
-    from gpufleet.serving.fleetrun import LocalFleet
+    from gpufleet.serving.fleetrun import LocalFleet, stall_warning
     from gpufleet.serving.report import RunResult, failed_between, write_report
 
     regions = list(cfg.regions)
@@ -268,6 +269,8 @@ async def run_demo(fleet, cfg: DemoConfig, workdir: Path, out=None) -> DemoResul
                 if live is not None:
                     live.update(_render(arms, cfg, fleet, time.monotonic() - t0, len(items), events))
             results = [load.result() for load in loads]
+            for arm in arms:
+                arm.stalled_share = await asyncio.to_thread(arm.lf.stalled_share)
         finally:
             if live is not None:
                 live.stop()
@@ -293,7 +296,8 @@ async def run_demo(fleet, cfg: DemoConfig, workdir: Path, out=None) -> DemoResul
             kv_series=arm.kv_series,
             events=model_events,
             extra={"continuations": arm.continuations, "time_scale": ts,
-                   "engines_per_region": cfg.engines_per_region},
+                   "engines_per_region": cfg.engines_per_region,
+                   **({} if arm.stalled_share is None else {"emulator_stalled_share": round(arm.stalled_share, 4)})},
         ))  # fmt: skip
     report = write_report(
         runs,
@@ -308,6 +312,7 @@ async def run_demo(fleet, cfg: DemoConfig, workdir: Path, out=None) -> DemoResul
             f"failure: {fail_region}'s engines killed at t={fail_at * ts:.0f} s, restored at "
             f"t={restore_at * ts:.0f} s (trace time), in every fleet at once",
             "the fleets ran at the same time on one machine: both saw the same CPU contention",
+            *(f"{arm.label}: {w}" for arm in arms if (w := stall_warning(arm.stalled_share))),
         ],
         timeline_run=runs[0],
         sweep=False,

@@ -29,6 +29,10 @@ if TYPE_CHECKING:  # the spec pulls in pydantic; the fleet arrives already parse
     from gpufleet.stacks.spec import Fleet
 
 TOKEN_ENV = "GPUFLEET_ADMIN_TOKEN"
+# An emulated engine whose steps started late for more than this share of its stepping did not keep
+# up with the time scale on this machine (`LocalFleet.stalled_share`).
+STALL_WARN = 0.05
+MAX_METRICS_READ = 4 * 1024 * 1024
 
 
 class FleetRunError(RuntimeError):
@@ -245,3 +249,45 @@ class LocalFleet:
     @property
     def engine_urls(self) -> dict[str, list[str]]:
         return {k: lr.engine_urls for k, lr in self.local.items()}
+
+    def stalled_share(self) -> float | None:
+        """The share of the emulated engines' stepping that started late because their processes
+        fell behind (`EmulatorServer.stalled_s`): above STALL_WARN the machine did not keep up with
+        the time scale, and latency figures measure the machine, not the routing. None when no
+        engine answers."""
+        from gpufleet.serving.engine.server import STALL_METRICS
+
+        busy = stalled = 0.0
+        answered = False
+        for urls in self.engine_urls.values():
+            for url in urls:
+                try:
+                    with urllib.request.urlopen(url + "/metrics", timeout=2.0) as resp:
+                        text = resp.read(MAX_METRICS_READ).decode("utf-8", "replace")
+                except (OSError, urllib.error.URLError):
+                    continue
+                for line in text.splitlines():
+                    name, _, value = line.partition(" ")
+                    if name in STALL_METRICS:
+                        answered = True
+                        try:
+                            amount = float(value)
+                        except ValueError:
+                            continue
+                        if name == STALL_METRICS[0]:
+                            busy += amount
+                        else:
+                            stalled += amount
+        if not answered:
+            return None
+        return stalled / (busy + stalled) if busy + stalled > 0 else 0.0
+
+
+def stall_warning(share: float | None) -> str | None:
+    """A line for reports and consoles when emulated engines fell behind their model."""
+    if share is None or share <= STALL_WARN:
+        return None
+    return (
+        f"emulated engines stalled {100 * share:.0f}% of their stepping (the machine fell behind the "
+        f"time scale): latency figures of this run measure the machine"
+    )

@@ -106,6 +106,8 @@ CATCH_UP_S = 0.005
 # vLLM's API server runs on uvicorn, whose listen backlog defaults to 2048 (uvicorn docs, settings,
 # --backlog); aiohttp's is 128.
 LISTEN_BACKLOG = 2048
+# The emulator's own /metrics series: engine seconds stepped, and stalled (see EmulatorServer.busy_s)
+STALL_METRICS = ("gpufleet_emulator_busy_seconds_total", "gpufleet_emulator_stalled_seconds_total")
 
 
 class EmulatorServer:
@@ -140,6 +142,11 @@ class EmulatorServer:
         self.site: web.TCPSite | None = None
         self._t0 = 0.0
         self._vtime = 0.0
+        # Engine seconds the model stepped, and those its steps started late because this process
+        # fell behind (a busy engine's next step due, the loop elsewhere): the share says whether
+        # the machine kept up with the time scale (`STALL_METRICS`, read by the bench and the demo).
+        self.busy_s = 0.0
+        self.stalled_s = 0.0
         self._wake: asyncio.Event | None = None
         self._unhang: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
@@ -174,6 +181,8 @@ class EmulatorServer:
             if busy and now - self._vtime <= CATCH_UP_S * self.time_scale:
                 start = self._vtime
             else:
+                if busy:
+                    self.stalled_s += now - self._vtime
                 start = max(self._vtime, now)
             plan = engine.schedule(start)
             if plan is None:  # nothing schedulable (cannot happen with a sized cache); retry soon
@@ -187,6 +196,7 @@ class EmulatorServer:
             else:
                 await asyncio.sleep(0)  # let the handlers run
             self._vtime = end
+            self.busy_s += plan.duration
             engine.commit(plan, end)
             busy = True
 
@@ -378,9 +388,19 @@ class EmulatorServer:
         if self.faults.garbage_metrics:
             return web.Response(text=garbage_metrics(), content_type="text/plain")
         return web.Response(
-            body=self.metrics.render().encode(),
+            body=self.metrics.render().encode() + self._stall_metrics(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
+
+    def _stall_metrics(self) -> bytes:
+        """The emulator's own series (vLLM has no such thing): its engine seconds stepped and stalled."""
+        busy, stalled = STALL_METRICS
+        return (
+            f"# HELP {busy} engine seconds the emulated engine stepped\n# TYPE {busy} counter\n"
+            f"{busy} {self.busy_s!r}\n"
+            f"# HELP {stalled} engine seconds its steps started late because the process fell behind\n"
+            f"# TYPE {stalled} counter\n{stalled} {self.stalled_s!r}\n"
+        ).encode()
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
