@@ -126,6 +126,17 @@ class ResolvedConfig:
     model_path: str = ""  # what `vllm serve` was given (the HF id): /v1/models' root
     num_gpu_blocks_override: int | None = None  # --num-gpu-blocks-override, when given
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Usable KV tokens: every block but the null block. A request past this stalls the engine,
+        as in vLLM (vllm-project/vllm#35541)."""
+        return kv_capacity_tokens(self.num_gpu_blocks, self.block_size)
+
+
+def kv_capacity_tokens(num_gpu_blocks: int, block_size: int) -> int:
+    """The tokens one engine's KV cache holds for requests: block 0 is vLLM's null block."""
+    return max(num_gpu_blocks - 1, 0) * block_size
+
 
 def resolve(config: EngineConfig) -> ResolvedConfig:
     """Size the engine through serving/sizing.py (one sizing code for launcher, emulator, simulator).
@@ -388,7 +399,7 @@ class EngineStats:
     @property
     def capacity_tokens(self) -> int:
         """Usable KV tokens: every block but the null block (a request cannot grow past this)."""
-        return (self.num_gpu_blocks - 1) * self.block_size
+        return kv_capacity_tokens(self.num_gpu_blocks, self.block_size)
 
     @property
     def free_tokens(self) -> float:

@@ -133,7 +133,7 @@ def from_resolved(cfg) -> EngineProfile:
         chunk=chunk,
         max_num_seqs=cfg.max_num_seqs,
         block_size=cfg.block_size,
-        capacity_tokens=float((cfg.num_gpu_blocks - 1) * cfg.block_size),  # less the null block
+        capacity_tokens=float(cfg.kv_capacity_tokens),
         flops_s=cfg.flops_s * cfg.tensor_parallel_size,
         d0=base - dn / 64,
         dn=dn / 64,

@@ -314,7 +314,7 @@ class Simulator:
                 _SimEngine(f"{r.key}/e{i}", r.key, self._engine(resolved, f"{r.key}/e{i}")) for i in range(n)
             ]
             self.engines += engines
-            self.capacity[r.key] = n * (resolved.num_gpu_blocks - 1) * resolved.block_size
+            self.capacity[r.key] = n * resolved.kv_capacity_tokens
             it = r.instance(tp)
             price = catalog.price(r.cloud.value, r.region, it.name)
             if price is None:
@@ -352,10 +352,7 @@ class Simulator:
                 router.by_id = by_id
         # the longest request every engine takes: its context limit, and its cache less the null block
         # (a request past that would stall the engine, as in vLLM: vllm-project/vllm#35541)
-        self.max_model_len = min(
-            min(e.engine.cfg.max_model_len, (e.engine.cfg.num_gpu_blocks - 1) * e.engine.cfg.block_size)
-            for e in self.engines
-        )
+        self.max_model_len = min(min(e.engine.cfg.max_model_len, e.engine.cfg.kv_capacity_tokens) for e in self.engines)
         self._by_id = {e.id: e for e in self.engines}
 
     def _engine(self, resolved, name: str) -> VirtualEngine:
