@@ -111,38 +111,40 @@ async def admit(router: Router, job: Job) -> list[Candidate]:
     why = unservable(router, job.routed)
     if why:
         raise HttpError(400, why)
-    if not anything_up(router, job.routed):
+    return await wait_for_room(router, job, job.routed)
+
+
+async def wait_for_room(router: Router, job: Job, routed: RoutedRequest) -> list[Candidate]:
+    """Nothing has room for `routed` (the job's request, less the targets that failed it): wait in
+    the bounded queue until the policy finds a candidate, until `job.room_until` (`queue_wait_s`
+    after it arrived, whether nothing had room at once or a full peer refused it later; a forwarded
+    request does not wait: its origin has other candidates), or HttpError (503 with nothing up, 429)."""
+    if not anything_up(router, routed):
         raise _nothing_up()
     s = router.config.settings
-    # A forwarded request does not queue here: the origin router has other candidates.
-    wait = 0.0 if not job.routed.allow_remote else s.queue_wait_s
-    if wait <= 0 or router.queued >= s.queue_max:
+    if router.clock() >= job.room_until or router.queued >= s.queue_max:
         refused(router, job)
         raise HttpError(429, "no engine has room for this request now; retry later", headers=retry_after(router))
     router.queued += 1
     router.queued_tokens += job.routed.need_tokens
     cands = []
     try:
-        until = min(job.deadline, router.clock() + wait)
-        while True:
-            left = until - router.clock()
-            if left <= 0:
-                break
+        while (left := job.room_until - router.clock()) > 0:
             try:
                 await asyncio.wait_for(router.room_event().wait(), left)
             except TimeoutError:
                 pass
             # asked as the simulator asks: with the time it has waited, so that the policy's late
             # binding holds it (or refuses it, its TTFT slack spent) rather than sending it late
-            cands = router.choose(replace(job.routed, waited_s=waited_s(job, s.time_scale)))
+            cands = router.choose(replace(routed, waited_s=waited_s(job, s.time_scale)))
             if cands:
                 break
     finally:
         router.queued -= 1
         router.queued_tokens -= job.routed.need_tokens
     if cands:
-        return cands if cands[0].hold_s is None else await hold(router, job, job.routed, cands[0].hold_s)
-    if not anything_up(router, job.routed):
+        return cands if cands[0].hold_s is None else await hold(router, job, routed, cands[0].hold_s)
+    if not anything_up(router, routed):
         raise _nothing_up()
     refused(router, job)
     raise HttpError(429, "no engine has room for this request now; retry later", headers=retry_after(router))

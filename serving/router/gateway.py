@@ -607,8 +607,9 @@ class Router:
                 body = request.body
             else:
                 body = await read_body(request, self.config.settings.max_body_bytes, self.limits.body_timeout_s)
-            deadline = self.clock() + self.config.settings.request_timeout_s
-            job = parse_job(self.config, request, body, kind, deadline, received)
+            arrived = self.clock()
+            deadline = arrived + self.config.settings.request_timeout_s
+            job = parse_job(self.config, request, body, kind, deadline, received, arrived)
             return await self._serve(request, job)
         except HttpError as exc:
             self.metrics.outcome(self.region, _OUTCOMES.get(exc.status, "error"))
@@ -649,7 +650,12 @@ class Router:
         it); an answer means the first engine was (its breaker counts the failure then)."""
         cands = await admission.admit(self, job)
         failed: set[str] = set()
-        attempts = 0
+        # Targets that answered 429: full a moment ago, not broken. With no other candidate the request
+        # waits for room as admission would have (what is left of its wait), and they are asked again
+        # after the next scrape round; a 429 does not spend the retry budget.
+        full: set[str] = set()
+        attempts = 0  # those that count against the retry budget
+        tried = 0
         budget = self.config.settings.retry_budget
         last_error = "no candidate"
         only_full = True  # every failure so far was a target saying it is full (429)
@@ -659,16 +665,21 @@ class Router:
                 cand = self.take(cands)
                 if cand is None:
                     break
-                if attempts:
+                if tried:
                     self.metrics.retries.inc()
                 else:
                     self.metrics.overhead_request.observe(time.perf_counter() - job.received)
+                tried += 1
                 attempts += 1
                 try:
                     answer = await self._attempt(request, job, cand)
                 except Upstream as exc:
                     last_error = f"{cand.target}: {exc}"
-                    failed.add(cand.target)
+                    if exc.suspect or exc.penalize:
+                        failed.add(cand.target)
+                    else:
+                        full.add(cand.target)
+                        attempts -= 1
                     if exc.suspect and suspect is not None:
                         # The same body broke two engines: the request's fault, not theirs.
                         self.release(cand)
@@ -694,9 +705,12 @@ class Router:
                 if self.clock() >= job.deadline:
                     break
                 routed = replace(job.routed, exclude=frozenset(failed))
-                cands = self.choose(replace(routed, waited_s=admission.waited_s(job, self.config.settings.time_scale)))
+                waited = admission.waited_s(job, self.config.settings.time_scale)
+                cands = self.choose(replace(routed, exclude=frozenset(failed | full), waited_s=waited))
                 if cands and cands[0].hold_s is not None:  # late binding, after a refusal too
                     cands = await admission.hold(self, job, routed, cands[0].hold_s)
+                elif not cands and only_full:
+                    cands = await admission.wait_for_room(self, job, routed)
         finally:
             if suspect is not None:
                 # Nothing confirmed either way (no other engine, the budget spent, the client gone):

@@ -66,6 +66,10 @@ class Job:
     headers: dict[str, str]  # for the request upstream
     deadline: float
     received: float = 0.0  # time.perf_counter() when the handler started (router overhead metric)
+    # until when (router clock) it may wait for room: queue_wait_s after it arrived, whether no engine
+    # had room at once or a full peer refused it later; a forwarded request not at all (its origin
+    # has other candidates)
+    room_until: float = 0.0
 
 
 async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
@@ -326,9 +330,11 @@ def _waited_s(request: web.Request) -> float:
 
 
 def parse_job(
-    config: RouterConfig, request: web.Request, body: bytes, kind: str, deadline: float, received: float
-) -> Job:
-    """The request as a `Job`, or HttpError (400: invalid or never servable; 404: unknown model)."""
+    config: RouterConfig, request: web.Request, body: bytes, kind: str, deadline: float, received: float,
+    arrived: float = 0.0,
+) -> Job:  # fmt: skip
+    """The request as a `Job`, or HttpError (400: invalid or never servable; 404: unknown model).
+    `arrived`: the router's clock when it came (`deadline` is on the same clock)."""
     payload = decode_json(body)
     if type(payload) is not dict:
         raise HttpError(400, "request body must be a JSON object")
@@ -390,4 +396,6 @@ def parse_job(
         waited_s=waited_s,
     )
     stream = payload.get("stream") is True
-    return Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received)
+    room_until = min(deadline, arrived + (config.settings.queue_wait_s if hop is None else 0.0))
+    return Job(kind, request.path, body, payload, stream, prompt_tokens, routed, headers, deadline, received,
+               room_until)  # fmt: skip

@@ -116,12 +116,17 @@ class _Job:
     hashes: list[int] | None
     attempts: int = 0
     excluded: set[str] = field(default_factory=set)
+    # regions that answered 429 (full, not broken): left out until the next scrape round
+    full: set[str] = field(default_factory=set)
     first_token_at: float | None = None  # absolute model time the client got the first token
     lost_engine: bool = False  # its engine died with it in flight: continued elsewhere
     return_s: float = 0.0  # engine -> client latency of the current placement
     sent_tokens: int = 0  # output tokens the client has (for a continuation)
-    queued_until: float | None = None
+    queued_until: float | None = None  # when its queue or hold timer fires
     arrived_at: float = 0.0  # model time it reached its router (waited_s counts from here)
+    # until when it may wait for room (the gateway's Job.room_until): queue_wait_s after it arrived,
+    # whether nothing had room at once or a full peer refused it later; after its stream broke
+    room_until: float = 0.0
     held_at: str | None = None  # the router holding it (late binding: Candidate.hold_s), with the
     held_hop_s: float = 0.0  # latency from that router back to the client
     was_held: bool = False
@@ -444,6 +449,7 @@ class Simulator:
             job.hashes = _block_hashes(item.hash_ids, prompt, self.engines[0].engine.block_size)
             job.prefix = chain(item.hash_ids[: prompt // MOONCAKE_BLOCK_TOKENS])
         job.arrived_at = now
+        job.room_until = now + self.queue_wait_s
         self.jobs.append(job)
         self._open_jobs += 1
         self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
@@ -521,15 +527,7 @@ class Simulator:
         self._rv_cache[router.key] = out
         return out
 
-    def _route(
-        self,
-        job: _Job,
-        router: _Router,
-        now: float,
-        allow_remote: bool,
-        hop_s: float,
-        after_refusal: bool = False,
-    ) -> None:
+    def _route(self, job: _Job, router: _Router, now: float, allow_remote: bool, hop_s: float) -> None:
         """The gateway's `_serve` for one request at `router` (hop_s: latency back to the client)."""
         residency = self.routers[job.router].region.residency  # the arrival region's, as the gateway does
         prompt = job.rec.prompt_tokens + job.sent_tokens
@@ -539,7 +537,7 @@ class Simulator:
             residency=residency,
             affinity_key=str(job.item.hash_ids[0]) if job.item.hash_ids else None,
             allow_remote=allow_remote,
-            exclude=frozenset(job.excluded),
+            exclude=frozenset(job.excluded | job.full),
             prompt_tokens=prompt,
             max_tokens=job.rec.max_tokens - job.sent_tokens,
             prefix=job.prefix,
@@ -584,22 +582,21 @@ class Simulator:
         if job.attempts > self.retry_budget:
             self._fail(job, now, "retry budget spent")
             return
-        if after_refusal:
-            self._reject(job, now)
-            return
         # Nothing fits now: a forwarded request is refused at once (429, the origin moves on);
-        # one that arrived here waits in the bounded queue.
+        # one that arrived here waits in the bounded queue, until its room_until (the gateway's
+        # admission.wait_for_room).
         if not allow_remote:
             self.loop.schedule(now + hop_s, self._on_engine_in, job, ("refused", router.key, 0.0))
             return
-        if job.queued_until is None:
-            if len(router.queue) >= self.queue_max or self.queue_wait_s <= 0:
-                self._reject(job, now)
-                return
-            job.queued_until = now + self.queue_wait_s
+        if job in router.queue:
+            return
+        if job.room_until <= now or len(router.queue) >= self.queue_max:
+            self._reject(job, now)
+            return
+        if job.queued_until != job.room_until:  # one timer per deadline
+            job.queued_until = job.room_until
             self.loop.schedule(job.queued_until, self._on_queue_timeout, job)
-        if job not in router.queue:
-            router.queue.append(job)
+        router.queue.append(job)
 
     def _hold(self, job: _Job, router: _Router, now: float, hold_s: float, hop_s: float) -> None:
         """Late binding, as the gateway's admission does it: the request waits at `router` (a peer
@@ -655,6 +652,7 @@ class Simulator:
         router.queue.clear()
         for job in waiting:
             if not job.done:
+                job.full.clear()
                 self._route(job, router, now, allow_remote=True, hop_s=0.0)
 
     def _on_engine_in(self, job: _Job, where: tuple) -> None:
@@ -669,9 +667,10 @@ class Simulator:
         if kind == "refused":
             # Back at the origin: the peer was full (429). The gateway tries its other candidates;
             # with none left the client gets a clean "no room" answer.
-            job.excluded.add(where[1])
+            job.full.add(where[1])
+            job.attempts -= 1
             self._unforward(job)
-            self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0, after_refusal=True)
+            self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
             return
         _, eid, ret_s, router_key = where
         eng = self._by_id[eid]
@@ -906,7 +905,7 @@ class Simulator:
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
             job.live = None
             job.lost_engine = True
-            job.queued_until = None  # its wait for room, if it finds none, starts now
+            job.room_until = now + self.queue_wait_s  # its wait for room, if it finds none, starts now
             self._unforward(job)
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)

@@ -421,6 +421,43 @@ def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tm
     run(main())
 
 
+def test_a_request_refused_by_a_full_peer_waits_for_room_instead_of_a_429(tmp_path):
+    """A new request forwarded to a peer whose summary said room, and which filled up meanwhile, gets
+    that peer's 429 (full, not broken). With no other candidate the origin waits for room as its
+    admission would have (queue_wait_s from the arrival), asks the peer again after its next round,
+    and the request is served, where it used to end with a 429 at once."""
+
+    async def main():
+        # As in the continuation test above: slow rounds, so that the origin's view of azure stays as
+        # it was (room) while azure fills up; a TTFT target the wait cannot spend.
+        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 6.0}
+        bed = await start_fleet(tmp_path, FORWARDING, time_scale=2, router=slow, slo_ttft_ms=30_000)
+        try:
+            await bed.wait_ready()
+            async with bed.session.post(bed[AWS].url + "/admin/v1/drain", json={"region": GCP}, headers=ADMIN) as r:
+                assert r.status == 200  # azure is the only region with room for it
+            origin = bed[AWS].router
+            read_at = origin.peer_summaries[AZURE][0]
+            while origin.peer_summaries[AZURE][0] == read_at:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.5)
+            filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
+            while engine_requests(bed, AZURE) == 0:
+                await asyncio.sleep(0.002)
+            a = await ask(bed.session, bed[AWS].url, max_tokens=400, content="served once room comes")
+            assert (await filler).complete
+            assert a.status == 200 and a.complete, (a.status, a.error)
+            assert a.tokens == 400
+            # azure did refuse it while full, then served it; the origin refused nothing
+            assert await router_metric(bed.session, bed[AZURE].url, "gpufleet_router_rejected_total") >= 1
+            assert await router_metric(bed.session, bed[AWS].url, "gpufleet_router_rejected_total") == 0
+            assert engine_requests(bed, AZURE) == 2
+        finally:
+            await bed.close()
+
+    run(main())
+
+
 def test_a_stream_continued_at_a_peer_is_not_refused_for_its_age(tmp_path):
     """A continuation forwarded to a peer is the fleet's to finish, late or not: its engine failed,
     not its client. Its age is not counted against its TTFT (the waited header says 0); counted, the
