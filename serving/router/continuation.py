@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from gpufleet.serving.router.admission import anything_up
 from gpufleet.serving.router.errors import error_body
 from gpufleet.serving.router.parsing import Job
 from gpufleet.serving.router.policy import Candidate
@@ -125,10 +126,12 @@ async def continue_stream(
     # Targets that answered 429: full a moment ago, not broken. They are asked again once room may
     # have come (the next scrape round), within the wait for room, and do not spend the retry budget.
     full: set[str] = set()
-    # Nothing has room now (the failed engines' load just moved to the rest): wait for room as
-    # admission does, up to queue_wait_s from the break, rather than break the stream at once. A
-    # request forwarded by a peer does not wait, as in admission: its origin has other regions.
-    wait = settings.queue_wait_s if job.routed.allow_remote else 0.0
+    # Nothing has room now (the failed engines' load just moved to the rest): wait for room rather
+    # than break the stream. A new request waits queue_wait_s and then gets a clean 429 it can retry;
+    # a broken stream is a lost request, so it waits as long as the router lets an engine be silent
+    # mid-stream (idle_timeout_s) before it counts the stream as broken. A request forwarded by a
+    # peer does not wait, as in admission: its origin has other regions.
+    wait = settings.idle_timeout_s if job.routed.allow_remote else 0.0
     wait_until = min(job.deadline, router.clock() + wait)
     attempts = 0
     while attempts <= settings.retry_budget and router.clock() < job.deadline:
@@ -143,7 +146,7 @@ async def continue_stream(
         stream.prior_tokens = stream.tokens
         # The new engine holds the prompt, the text so far and the rest: the same demand.
         cands = router.choose(replace(job.routed, exclude=frozenset(failed | full)))
-        while not cands and (left := wait_until - router.clock()) > 0:
+        while not cands and (left := wait_until - router.clock()) > 0 and anything_up(router, job.routed):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(router.room_event().wait(), left)
             full.clear()

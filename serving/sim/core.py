@@ -125,11 +125,13 @@ class _Job:
     queued_until: float | None = None  # when its queue or hold timer fires
     arrived_at: float = 0.0  # model time it reached its router (waited_s counts from here)
     # until when it may wait for room (the gateway's Job.room_until): queue_wait_s after it arrived,
-    # whether nothing had room at once or a full peer refused it later; after its stream broke
+    # whether nothing had room at once or a full peer refused it later; idle_timeout_s after its
+    # stream broke (continuation.py)
     room_until: float = 0.0
     held_at: str | None = None  # the router holding it (late binding: Candidate.hold_s), with the
     held_hop_s: float = 0.0  # latency from that router back to the client
     was_held: bool = False
+    peer_refused: bool = False  # a peer answered it 429 at least once
     done: bool = False
     live: Request | None = None  # the engine request now serving this job
     forwarded_by: str | None = None  # the router that forwarded it to a peer (its ledger counts it)
@@ -234,6 +236,10 @@ class SimResult:
     failed_during_failure: int
     held: int = 0  # requests held at a router (late binding) at least once
     refused_held: int = 0  # of them, refused (429) once their TTFT slack was spent
+    # requests a peer answered 429 (full) at least once, and of them those served after all (they
+    # waited for room at their origin: Simulator._route)
+    peer_refused: int = 0
+    served_after_peer_refusal: int = 0
 
     @property
     def speed(self) -> float:
@@ -248,6 +254,8 @@ class SimResult:
             "prefix_hit_rate": self.prefix_hit_rate,
             "held": self.held,
             "refused_held": self.refused_held,
+            "peer_refused": self.peer_refused,
+            "served_after_peer_refusal": self.served_after_peer_refusal,
             "cost_per_million_tokens_usd": self.cost_per_million_tokens,
             "sim_speed_x": round(self.speed, 1),
             "utilisation": {k: round(v, 3) for k, v in self.utilisation.items()},
@@ -262,6 +270,7 @@ class Simulator:
         self.scrape_s = s.scrape_interval_s
         self.stale_s = s.stale_after_s
         self.queue_wait_s = s.queue_wait_s
+        self.continuation_wait_s = s.idle_timeout_s
         self.queue_max = s.queue_max
         self.retry_budget = s.retry_budget
         self.ttft_slo = self.cfg.ttft_slo_s or fleet.slo.ttft_ms / 1000.0
@@ -668,6 +677,7 @@ class Simulator:
             # Back at the origin: the peer was full (429). The gateway tries its other candidates;
             # with none left the client gets a clean "no room" answer.
             job.full.add(where[1])
+            job.peer_refused = True
             job.attempts -= 1
             self._unforward(job)
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
@@ -905,7 +915,8 @@ class Simulator:
                 job.sent_tokens = min(job.rec.max_tokens - 1, job.sent_tokens + req.num_output_tokens)
             job.live = None
             job.lost_engine = True
-            job.room_until = now + self.queue_wait_s  # its wait for room, if it finds none, starts now
+            # its wait for room, if it finds none, starts now and lasts idle_timeout_s (continuation.py)
+            job.room_until = now + self.continuation_wait_s
             self._unforward(job)
             job.attempts = 0  # a continuation gets its own retry budget in the gateway
             self._route(job, self.routers[job.router], now, allow_remote=True, hop_s=0.0)
@@ -967,6 +978,8 @@ class Simulator:
             failed_during_failure=failed_in,
             held=self.held,
             refused_held=self.refused_held,
+            peer_refused=sum(1 for j in self.jobs if j.peer_refused),
+            served_after_peer_refusal=sum(1 for j in self.jobs if j.peer_refused and j.rec.outcome == OK),
         )
 
 

@@ -380,14 +380,17 @@ def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin
 def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tmp_path):
     """The only region left to continue a stream answers 429: full for a moment, not broken. The
     origin asks it again after the next round instead of dropping it for good and breaking the
-    client's stream (what `gpufleet demo` showed through its region failure)."""
+    client's stream (what `gpufleet demo` showed through its region failure). It waits for room up
+    to idle_timeout_s from the break, not queue_wait_s: a new request's wait ends in a clean 429,
+    a broken stream's in a lost request."""
 
     async def main():
         # Slow rounds: the origin's view of azure stays as it was (room) while azure fills up. A low
         # time scale: the filler's prefill and first tokens (after which azure's router counts only
         # what it has yet to grow, against a sample taken before it) take ~0.2 s, several times the
         # continuation's way to azure.
-        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 6.0}
+        # No wait for a new request (queue_wait_s 0): the continuation's wait is idle_timeout_s's.
+        slow = {"scrape_interval_s": 2.0, "stale_after_s": 6.0, "queue_wait_s": 0.0, "idle_timeout_s": 6.0}
         bed = await start_fleet(tmp_path, FORWARDING, time_scale=2, router=slow)
         try:
             await bed.wait_ready()

@@ -218,3 +218,16 @@ def test_late_binding_holds_a_burst_at_the_router_and_keeps_more_within_slo(exam
     assert on.summary.failed == off.summary.failed == 0
     assert on.summary.requests == off.summary.requests == len(items)  # none lost
     assert on.summary.slo_attainment > off.summary.slo_attainment + 0.05
+
+
+def test_a_request_a_full_peer_refused_waits_for_room_and_is_served(example_fleet):
+    # Engines shrunk to 512 KV blocks (as `gpufleet bench` runs them): KV room binds, and a peer whose
+    # summary said room is sometimes full by the time a forwarded request reaches it (429). The
+    # origin then waits for room as its admission would have (queue_wait_s from the arrival), as
+    # the gateway does, instead of answering 429 at once.
+    items = loadgen.assign_clients(loadgen.clip(loadgen.synthetic("conv", 60, 0.8, 3), 4096), list(DEMO))
+    cfg = SimConfig(policy="default", engines_per_region=1, regions=DEMO, num_gpu_blocks=512)
+    r = Simulator(example_fleet, cfg).run(items)
+    assert r.peer_refused > 0
+    assert 0 < r.served_after_peer_refusal <= r.peer_refused
+    assert r.summary.failed == 0 and r.summary.requests == len(items)
