@@ -377,6 +377,25 @@ def test_a_forwarded_stream_broken_in_the_peer_region_is_continued_by_the_origin
     assert gcp >= 1 and azure >= 1 and continued >= 1
 
 
+async def _fill_azure_behind_the_origins_back(bed: FleetBed) -> asyncio.Task:
+    """Fill azure (FORWARDING's last resort) just after the origin read its summary, so that the origin
+    still sees room there for ~2 s (rounds of 2 s): a request of ~4,000 of azure's 4,080 tokens for
+    ~2 s, after which a ~400-token request would outgrow what is left. Returns the filler's task
+    once azure's engine has it."""
+    origin = bed[AWS].router
+    read_at = origin.peer_summaries[AZURE][0]
+    while origin.peer_summaries[AZURE][0] == read_at:
+        await asyncio.sleep(0.005)
+    # Every router's rounds start together: azure scrapes its engine about now too. Away from that,
+    # so azure's view of the filler is its router's own account, not a scrape taken halfway through
+    # its prefill.
+    await asyncio.sleep(0.5)
+    filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
+    while engine_requests(bed, AZURE) == 0:
+        await asyncio.sleep(0.002)
+    return filler
+
+
 def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tmp_path):
     """The only region left to continue a stream answers 429: full for a moment, not broken. The
     origin asks it again after the next round instead of dropping it for good and breaking the
@@ -395,20 +414,7 @@ def test_a_continuation_refused_by_a_full_peer_is_asked_again_once_room_comes(tm
         try:
             await bed.wait_ready()
             await bed[GCP].engines[0].set_faults({"break_stream_after_tokens": 5})
-            # Just after the origin read azure's summary: ~2 s before it reads it again.
-            origin = bed[AWS].router
-            read_at = origin.peer_summaries[AZURE][0]
-            while origin.peer_summaries[AZURE][0] == read_at:
-                await asyncio.sleep(0.005)
-            # Every router's rounds start together: azure scrapes its engine about now too. Away from
-            # that, so azure's view of the filler is its router's own account, not a scrape taken
-            # halfway through its prefill.
-            await asyncio.sleep(0.5)
-            # ~4,000 of azure's 4,080 tokens for ~2 s: the continuation (about 400 tokens) would
-            # outgrow what is left before the filler ends.
-            filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
-            while engine_requests(bed, AZURE) == 0:
-                await asyncio.sleep(0.002)
+            filler = await _fill_azure_behind_the_origins_back(bed)
             a = await ask(bed.session, bed[AWS].url, max_tokens=400, content="continued where room comes")
             assert (await filler).complete
             assert a.complete, a.error
@@ -439,14 +445,7 @@ def test_a_request_refused_by_a_full_peer_waits_for_room_instead_of_a_429(tmp_pa
             await bed.wait_ready()
             async with bed.session.post(bed[AWS].url + "/admin/v1/drain", json={"region": GCP}, headers=ADMIN) as r:
                 assert r.status == 200  # azure is the only region with room for it
-            origin = bed[AWS].router
-            read_at = origin.peer_summaries[AZURE][0]
-            while origin.peer_summaries[AZURE][0] == read_at:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.5)
-            filler = asyncio.create_task(ask(bed.session, bed[AZURE].url, content="gpu " * 3570, max_tokens=400))
-            while engine_requests(bed, AZURE) == 0:
-                await asyncio.sleep(0.002)
+            filler = await _fill_azure_behind_the_origins_back(bed)
             a = await ask(bed.session, bed[AWS].url, max_tokens=400, content="served once room comes")
             assert (await filler).complete
             assert a.status == 200 and a.complete, (a.status, a.error)
