@@ -331,7 +331,7 @@ def _waited_s(request: web.Request) -> float:
 
 def parse_job(
     config: RouterConfig, request: web.Request, body: bytes, kind: str, deadline: float, received: float,
-    arrived: float = 0.0,
+    arrived: float,
 ) -> Job:  # fmt: skip
     """The request as a `Job`, or HttpError (400: invalid or never servable; 404: unknown model).
     `arrived`: the router's clock when it came (`deadline` is on the same clock)."""

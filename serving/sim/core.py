@@ -674,8 +674,9 @@ class Simulator:
             self._route(job, self.routers[peer_key], now, allow_remote=False, hop_s=hop_s)
             return
         if kind == "refused":
-            # Back at the origin: the peer was full (429). The gateway tries its other candidates;
-            # with none left the client gets a clean "no room" answer.
+            # Back at the origin: the peer was full (429), not broken. As the gateway does, it tries
+            # its other candidates; with none left it waits for room until its room_until (the peer
+            # asked again after the next scrape round), and a 429 does not spend the retry budget.
             job.full.add(where[1])
             job.peer_refused = True
             job.attempts -= 1

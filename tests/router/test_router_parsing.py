@@ -30,7 +30,7 @@ def config(models: dict[str, int] | None = None) -> RouterConfig:
 def parse(body: bytes | dict, kind: str = "chat", headers: dict[str, str] | None = None, cfg=None):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = SimpleNamespace(headers=CIMultiDict(headers or {}), path="/v1/chat/completions")
-    return parse_job(cfg or config(), request, raw, kind, deadline=0.0, received=0.0)
+    return parse_job(cfg or config(), request, raw, kind, deadline=0.0, received=0.0, arrived=0.0)
 
 
 def refused(body, kind="chat", headers=None, cfg=None, status=400) -> str:
